@@ -1,0 +1,232 @@
+"""ParallelModule: the local shards, the rewritten graph, and the collectives users call."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from passes.layout import Shard, shard_tensor, unshard_tensor
+from passes.match import META
+
+from .capture import Captured
+from .errors import InputMismatchError
+
+
+def _mirror(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The container module for ``path`` under ``root`` (created on demand), and the leaf name."""
+    *parts, leaf = path.split(".")
+    mod = root
+    for p in parts:
+        child = mod._modules.get(p)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(p, child)
+        mod = child
+    return mod, leaf
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The per-rank dropout seed: distinct for every rank, fixed by ``seed``."""
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % (2**63 - 1)
+
+
+class ParallelModule(nn.Module):
+    """A model made tensor- and sequence-parallel by :func:`autoseqpar.transform`.
+
+    Called exactly like the original with the same full inputs on every rank; returns the same
+    output structure with full tensors. Its parameters (under ``.module``, named like the
+    original's) are this rank's shards: build the optimizer on ``pmodel.parameters()``.
+    """
+
+    def __init__(self, model: nn.Module, captured: Captured, gm: fx.GraphModule, plan,
+                 options, group, pass_log):
+        super().__init__()
+        self.group = group
+        self.tp = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.options = options
+        self.pass_log = pass_log
+        self._captured = captured
+        self._plan = plan
+        self._gm = gm
+        self.module = nn.Module()
+        self._shards: dict = {}  # fqn -> Shard for sharded parameters
+        self._state_keys = tuple(model.state_dict().keys())
+        self._param_names = tuple(n for n, _ in model.named_parameters())
+        self._build_parameters(model, gm)
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        self._rng = torch.Generator(device=device)
+        seed = options.seed if options.seed is not None else torch.initial_seed()
+        self._rng.manual_seed(rank_seed(seed, self.rank))
+        self.train(captured.training)
+
+    # ----------------------------------------------------------------- construction
+    def _build_parameters(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        full_params = dict(model.named_parameters(remove_duplicate=False))
+        full_buffers = dict(model.named_buffers(remove_duplicate=False))
+        made: dict = {}
+        for n in gm.graph.nodes:
+            meta = n.meta.get(META, {})
+            if n.op != "placeholder" or meta.get("kind") not in ("param", "buffer"):
+                continue
+            fqn = meta["fqn"]
+            src_name = self._captured.tied.get(fqn, fqn)
+            if meta["kind"] == "param":
+                full = full_params[fqn]
+                spec = meta.get("shard")
+                with torch.no_grad():
+                    local = shard_tensor(full.detach(), spec, self.rank, self.tp).clone()
+                if isinstance(spec, Shard):
+                    self._shards[fqn] = spec
+                    self._shards[src_name] = spec
+                param = made.get(src_name)
+                if param is None:
+                    param = made[src_name] = nn.Parameter(local, requires_grad=full.requires_grad)
+                mod, leaf = _mirror(self.module, fqn)
+                mod.register_parameter(leaf, param)
+            else:
+                mod, leaf = _mirror(self.module, fqn)
+                mod.register_buffer(leaf, full_buffers[fqn].detach().clone())
+        # tied names the graph did not use still point at the same local parameter
+        for fqn, src in self._captured.tied.items():
+            if src in made and fqn not in made:
+                mod, leaf = _mirror(self.module, fqn)
+                if leaf not in mod._parameters:
+                    mod.register_parameter(leaf, made[src])
+
+    # ------------------------------------------------------------------------- call
+    def _flatten_call(self, args, kwargs) -> list:
+        cap = self._captured
+        kwargs = {**kwargs, **cap.injected}
+        missing = [k for k in cap.kwarg_order if k not in kwargs]
+        extra = [k for k in kwargs if k not in cap.kwarg_order]
+        if missing or extra:
+            raise InputMismatchError(
+                f"the module was built for keyword arguments {list(cap.kwarg_order)}; this call "
+                f"is missing {missing} and adds {extra}. Transform again with example inputs of "
+                "the structure you call with.")
+        kwargs = {k: kwargs[k] for k in cap.kwarg_order}
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != cap.in_spec:
+            raise InputMismatchError(
+                f"call structure {spec} differs from the example inputs' {cap.in_spec}")
+        for i, (got, want) in enumerate(zip(leaves, cap.example_leaves)):
+            if isinstance(want, torch.Tensor):
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
+                        got.dtype != want.dtype:
+                    desc = (f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor)
+                            else type(got).__name__)
+                    raise InputMismatchError(
+                        f"input {i} is {desc} but the module was built for "
+                        f"{tuple(want.shape)} {want.dtype}: shapes are fixed at transform time "
+                        "(the sharding depends on them); transform again for this shape.")
+            elif got != want:
+                raise InputMismatchError(f"input {i} is {got!r}; the module was built for "
+                                         f"{want!r}")
+        return leaves
+
+    def forward(self, *args, **kwargs):
+        leaves = iter(self._flatten_call(args, kwargs))
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        buffers = dict(self.module.named_buffers())
+        call_args = []
+        for n in self._gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            meta = n.meta.get(META, {})
+            kind = meta.get("kind")
+            if kind == "param":
+                call_args.append(params[meta["fqn"]])
+            elif kind == "buffer":
+                call_args.append(buffers[meta["fqn"]])
+            elif kind == "constant":
+                call_args.append(self._captured.constants[n.name])
+            elif kind == "rng":
+                call_args.append(self._rng)
+            else:
+                call_args.append(next(leaves))
+        out = self._gm(*call_args)
+        return pytree.tree_unflatten(list(out), self._captured.out_spec)
+
+    def train(self, mode: bool = True):
+        if mode != self._captured.training:
+            want, have = ("training", "eval") if mode else ("eval", "training")
+            raise InputMismatchError(
+                f"the module was captured in {have} mode and cannot switch to {want} mode: call "
+                f"model.{'train' if mode else 'eval'}() before autoseqpar.transform, or transform "
+                "once per mode")
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ collectives
+    def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        spec = self._shards.get(name)
+        if spec is None:
+            return local.detach().clone()
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.detach().contiguous(), group=self.group)
+        return unshard_tensor(parts, spec)
+
+    def gather_state_dict(self) -> dict:
+        """The full state dict, keys and shapes of the original ``model.state_dict()``.
+        A collective: every rank of the group must call it."""
+        local = self.module.state_dict(keep_vars=True)
+        return {k: self._full(k, local[k]) for k in self._state_keys}
+
+    def gather_grads(self) -> dict:
+        """``{name: full gradient}`` keyed like the original ``model.named_parameters()``
+        (None where no gradient). A collective: every rank must call it."""
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        out = {}
+        for name in self._param_names:
+            g = params[name].grad
+            has = torch.tensor([g is not None], dtype=torch.int32)
+            dist.all_reduce(has, op=dist.ReduceOp.MIN, group=self.group)
+            out[name] = self._full(name, g) if bool(has.item()) else None
+        return out
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip gradients by the true global norm: sharded gradients summed over the group,
+        replicated ones (identical on every rank) counted once. Returns the total norm."""
+        sharded, replicated = [], []
+        for name, p in self.module.named_parameters():
+            if p.grad is not None:
+                (sharded if name in self._shards else replicated).append(p.grad)
+        dev = next(self.parameters()).device
+        if math.isinf(norm_type):
+            vals = [g.abs().max() for g in sharded + replicated] or [torch.zeros((), device=dev)]
+            total = torch.stack(vals).max().float()
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.group)
+        else:
+            s = sum((g.float().norm(norm_type) ** norm_type for g in sharded),
+                    torch.zeros((), device=dev))
+            dist.all_reduce(s, group=self.group)
+            r = sum((g.float().norm(norm_type) ** norm_type for g in replicated),
+                    torch.zeros((), device=dev))
+            total = (s + r) ** (1.0 / norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in sharded + replicated:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The rewritten forward graph; ``print(pmodel.graph)`` shows each decision as a comment."""
+        from .report import AnnotatedGraphModule
+        return AnnotatedGraphModule.wrap(self._gm, self.tp)
+
+    @property
+    def plan(self) -> dict:
+        """The detected layout keyed by module path, diffable against a DTensor plan."""
+        from .report import plan_dict
+        return plan_dict(self._gm, self._plan)
+
+    def report(self) -> str:
+        from .report import parallel_report
+        return parallel_report(self)
