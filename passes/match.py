@@ -154,44 +154,50 @@ class _Order:
         self.index = {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def _run_tp(gm, order: _Order, roots: dict, t: int):
-    """Carry column shards from ``roots`` (node -> blocks) forward.
+def _run_tp(gm, order: _Order, columns: dict, t: int):
+    """Carry column shards forward. ``columns`` maps candidate linears to their blocks; one
+    becomes a column root when reached (in graph order) with an unsharded input -- a candidate
+    fed by an earlier column's shard is that block's row instead.
 
-    Returns (specs, origin, rows, failures): specs maps each sharded node to its layout,
+    Returns (specs, origin, rows, failures, roots): specs maps each sharded node to its layout,
     origin maps it to the roots it came from, rows maps row linears to blocks, failures lists
     (node, NoRule, roots)."""
     specs: dict = {}
     origin: dict = {}
     rows: dict = {}
+    roots: dict = {}
     failures: list = []
     heap: list = []
     queued: set = set()
 
-    def push_users(n):
-        for u in n.users:
-            if u not in queued:
-                queued.add(u)
-                heapq.heappush(heap, (order.index[u], u.name, u))
+    def push(n):
+        if n not in queued:
+            queued.add(n)
+            heapq.heappush(heap, (order.index[n], n.name, n))
 
-    for r, blocks in roots.items():
-        roles = matmul_roles(r)
-        specs[r] = Shard(len(shape_of(r)) - 1, blocks)
-        specs[roles[1]] = Shard(roles[3], blocks)
-        origin[r] = frozenset([r])
-        push_users(r)
+    for c in columns:
+        push(c)
     while heap:
         _, _, n = heapq.heappop(heap)
         ins = [a for a in n.all_input_nodes if a in specs]
+        if n in columns and not ins:
+            roles = matmul_roles(n)
+            specs[n] = Shard(len(shape_of(n)) - 1, columns[n])
+            specs[roles[1]] = Shard(roles[3], columns[n])
+            origin[n] = frozenset([n])
+            roots[n] = columns[n]
+            for u in n.users:
+                push(u)
+            continue
         if not ins:
             continue
         org = frozenset().union(*(origin[a] for a in ins if a in origin))
         if n.op == "output":
-            bad = [a for a in ins if isinstance(specs[a], Shard)]
-            if bad:
+            if any(isinstance(specs[a], Shard) for a in ins):
                 failures.append((n, NoRule("a sharded value is a graph output", "mix"), org))
             continue
         local = specs
-        if is_linear(n) and n not in roots:
+        if is_linear(n):
             x, w, w_in, _ = matmul_roles(n)
             sx = specs.get(x)
             if isinstance(sx, Shard) and sx.dim % len(shape_of(x)) == len(shape_of(x)) - 1:
@@ -205,14 +211,15 @@ def _run_tp(gm, order: _Order, roots: dict, t: int):
                 continue  # a reduction point: the output is replicated
             failures.append((n, e, org))
             continue
-        if prop.out is None or not isinstance(prop.out, (Shard, Partial, tuple)):
+        if not isinstance(prop.out, (Shard, Partial, tuple)):
             continue
-        if isinstance(prop.out, Partial) and n in rows:
+        if n in rows:
             specs[matmul_roles(n)[1]] = local[matmul_roles(n)[1]]
         specs[n] = prop.out
         origin[n] = org
-        push_users(n)
-    return specs, origin, rows, failures
+        for u in n.users:
+            push(u)
+    return specs, origin, rows, failures, roots
 
 
 def _choose_blocks(gm, order, root, t) -> tuple[int, Optional[tuple]]:
@@ -225,7 +232,7 @@ def _choose_blocks(gm, order, root, t) -> tuple[int, Optional[tuple]]:
         if b in tried or width % (b * t):
             continue
         tried.append(b)
-        *_, failures = _run_tp(gm, order, {root: b}, t)
+        _, _, _, failures, _ = _run_tp(gm, order, {root: b}, t)
         shape_fail = [f for f in failures if f[1].kind in ("blocks", "divisibility")]
         if not shape_fail:
             return b, None
@@ -250,8 +257,8 @@ def find_tp_blocks(gm: fx.GraphModule, t: int) -> TPAnalysis:
             rejected.append(Rejection(c.name, fail[0].name, fail[1].reason, fail[1].kind))
     dropped = set(c for c in candidates if any(r.node == c.name for r in rejected))
     while True:
-        specs, origin, rows, failures = _run_tp(
-            gm, order, _column_roots(gm, order, candidates, dropped, blocks_of, t), t)
+        columns = {c: blocks_of[c] for c in candidates if c not in dropped}
+        specs, origin, rows, failures, roots = _run_tp(gm, order, columns, t)
         if not failures:
             break
         for n, e, org in failures:
@@ -259,22 +266,10 @@ def find_tp_blocks(gm: fx.GraphModule, t: int) -> TPAnalysis:
                 if r not in dropped:
                     dropped.add(r)
                     rejected.append(Rejection(r.name, n.name, e.reason, e.kind))
-    return _collect(specs, origin, rows, rejected, t)
+    return _collect(specs, origin, rows, roots, rejected, order)
 
 
-def _column_roots(gm, order, candidates, dropped, blocks_of, t) -> dict:
-    """Columns are candidates whose input is not itself sharded by an earlier column."""
-    roots = {c: blocks_of[c] for c in candidates if c not in dropped}
-    while True:
-        specs, _, rows, _ = _run_tp(gm, order, roots, t)
-        fed = [c for c in roots if c in rows or matmul_roles(c)[0] in specs]
-        if not fed:
-            return roots
-        for c in fed:
-            roots.pop(c)
-
-
-def _collect(specs, origin, rows, rejected, t) -> TPAnalysis:
+def _collect(specs, origin, rows, roots, rejected, order) -> TPAnalysis:
     layouts = {n.name: s for n, s in specs.items() if n.op != "placeholder"}
     parent: dict = {}  # union-find over roots: roots whose shards meet form one block
 
@@ -282,27 +277,22 @@ def _collect(specs, origin, rows, rejected, t) -> TPAnalysis:
         while parent.get(x, x) is not x:
             x = parent[x]
         return x
-    for n, org in origin.items():
-        org = sorted(org, key=lambda r: r.name)
+    for org in origin.values():
+        org = sorted(org, key=order.index.get)
         for r in org[1:]:
             parent[find(r)] = find(org[0])
     by_root: dict = {}
-    for n, org in origin.items():
-        if n.op == "placeholder":
-            continue
-        by_root.setdefault(find(next(iter(org))), []).append(n)
+    for n in sorted(origin, key=order.index.get):
+        if n.op != "placeholder":
+            by_root.setdefault(find(next(iter(origin[n]))), []).append(n)
     blocks = []
-    for root, nodes in sorted(by_root.items(), key=lambda kv: kv[0].name):
-        cols, rws, attn = [], [], []
-        for n in nodes:
-            if n in rows:
-                rws.append(_tp_linear(n, "rowwise", specs))
-            elif is_linear(n) and len(origin[n]) == 1 and next(iter(origin[n])) is n:
-                cols.append(_tp_linear(n, "colwise", specs))
-            elif is_attention(n):
-                attn.append(n.name)
-        blocks.append(TPBlock(tuple(cols), tuple(rws), tuple(attn),
-                              tuple(n.name for n in nodes)))
+    for root in sorted(by_root, key=order.index.get):
+        nodes = by_root[root]
+        blocks.append(TPBlock(
+            tuple(_tp_linear(n, "colwise", specs) for n in nodes if n in roots),
+            tuple(_tp_linear(n, "rowwise", specs) for n in nodes if n in rows),
+            tuple(n.name for n in nodes if is_attention(n)),
+            tuple(n.name for n in nodes)))
     return TPAnalysis(tuple(blocks), layouts, tuple(rejected))
 
 
@@ -344,6 +334,11 @@ def find_seq_labels(gm: fx.GraphModule, t: int, seq_dim: int = 1) -> dict:
             if isinstance(prop.out, (Shard, tuple)):
                 labels[n] = prop.out
             break
+        else:
+            q = n.args[0] if n.args else None
+            if getattr(n.target, "overloadpacket", None) is aten.scaled_dot_product_attention \
+                    and q in labels:
+                labels[n] = labels[q]  # one output row per query token
     return labels
 
 

@@ -30,6 +30,9 @@ from .match import (SeqRegion, TPAnalysis, find_seq_labels, find_seq_region, fin
 from .options import PassOptions
 from .propagate import NoRule, matmul_roles, propagate, tensor_operands
 
+# Ops that read only a value's dtype/device/layout: they take any layout as it is.
+METADATA_ONLY = (torch.ops.aten._assert_tensor_metadata.default,)
+
 KINDS = ("reduce_scatter", "all_reduce", "all_gather", "gather", "scatter", "copy_to_tp",
          "grad_sync")
 
@@ -90,7 +93,7 @@ def plan_layouts(gm: fx.GraphModule, options: PassOptions) -> Plan:
     cols = {l.node for b in tp.blocks for l in b.columns}
     transitions: list = []
     for n in gm.graph.nodes:
-        if n.op == "call_function" or n.op == "output":
+        if n.op == "output" or (n.op == "call_function" and n.target not in METADATA_ONLY):
             transitions.extend(_edges(n, layouts, labels, cols, grads, t))
     return Plan(tp, seq, layouts, tuple(transitions))
 
