@@ -60,7 +60,7 @@ def properties(rank: int, world: int) -> dict:
         k = n.meta.get("autoseqpar", {}).get("kind")
         if n.op == "call_function" and k:
             spec = n.meta["autoseqpar"].get("spec")
-            kinds.setdefault(k, []).append(None if spec is None else (spec.dim, spec.kind))
+            kinds.setdefault(k, []).append(None if spec is None else (spec.dim, spec.blocks, spec.kind))
     res["collectives"] = kinds
     case.loss(pm(*args, **kwargs)).backward()
     ln = {n: p.grad.clone() for n, p in pm.module.named_parameters() if ".ln_" in n}
