@@ -225,7 +225,7 @@ def _run_tp(gm, order: _Order, columns: dict, t: int):
 def _choose_blocks(gm, order, root, t) -> tuple[int, Optional[tuple]]:
     """The fewest blocks that let this column's shard through reshapes and splits."""
     width = shape_of(root)[-1]
-    tried, first_failure = [], None
+    tried, first_failure, need_tried = [], None, None
     cand = [1]
     while cand:
         b = cand.pop(0)
@@ -234,12 +234,17 @@ def _choose_blocks(gm, order, root, t) -> tuple[int, Optional[tuple]]:
         tried.append(b)
         _, _, _, failures, _ = _run_tp(gm, order, {root: b}, t)
         shape_fail = [f for f in failures if f[1].kind in ("blocks", "divisibility")]
-        if not shape_fail:
+        # plain shards are kept unless a reshape or split refuses them; blocks only if they
+        # carry the shard through everything (not, say, into a head's features)
+        if (b == 1 and not shape_fail) or not failures:
             return b, None
-        first_failure = first_failure or shape_fail[0]
+        # report the most refined attempt: the blocks a split asked for, else plain shards
+        if first_failure is None or b == need_tried:
+            first_failure = shape_fail[0]
         for f in shape_fail:
-            if f[1].kind == "blocks" and f[1].need:
-                cand.append(f[1].need)
+            if f[1].kind == "blocks" and f[1].need and f[1].need not in tried:
+                need_tried = f[1].need
+                cand.insert(0, f[1].need)
         if len(tried) == 1:
             cand.extend(k for k in (2, 3, 4, 6, 8) if k not in cand)
     return 1, first_failure

@@ -151,9 +151,9 @@ def reshape_spec(in_shape: tuple, out_shape: tuple, s: Shard, t: int) -> Shard:
                     out_shape[k] == (big_b // p_out) * t * (chunk // q_in):
                 return Shard(k, big_b // p_out, s.kind)
         sizes = [out_shape[k] for k in gj]
-        raise NoRule(f"reshape of a dimension of size {n} into {sizes} cannot keep {t} "
-                     f"contiguous shards (a size in {sizes} is not divisible by {t})",
-                     "divisibility")
+        lead = next((x for x in sizes if x > 1), sizes[0])
+        raise NoRule(f"its {n} features are viewed as {sizes}, and {lead} (the heads) is not "
+                     f"divisible by {t}", "divisibility")
     raise NoRule("reshape lost the sharded dimension", "unsupported")
 
 
@@ -364,8 +364,9 @@ def _matmul(node, specs, t) -> Propagation:
     if isinstance(sx, Partial) or isinstance(sw, Partial):
         raise NoRule("partial operand", "mix")
     if isinstance(sx, Shard) and _norm(sx.dim, xnd) == xnd - 1:
-        if isinstance(sw, Shard) and _norm(sw.dim, wnd) == w_in and sw.blocks == sx.blocks:
-            # a bias here is split off by split_row_bias_pass before any rewrite
+        if isinstance(sw, Shard) and _norm(sw.dim, wnd) == w_in and sw.blocks == sx.blocks \
+                and w.op == "placeholder":
+            # a row-parallel weight; a bias here is split off by split_row_bias_pass
             return Propagation(PARTIAL)
         raise NoRule("contraction over a sharded dimension", "mix")
     if isinstance(sw, Shard) and _norm(sw.dim, wnd) == w_out:
