@@ -19,8 +19,11 @@ _BACKWARD = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
              "copy_to_tp": "all_reduce", "grad_sync": "all_reduce"}
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
+def human_bytes(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _nbytes(v) -> int:
@@ -112,16 +115,22 @@ def plan_dict(gm: fx.GraphModule, plan) -> dict:
     return dict(sorted(out.items()))
 
 
-def collectives_table(gm: fx.GraphModule) -> list:
-    rows = []
+def collectives_table(gm: fx.GraphModule) -> tuple[list, list]:
+    """Rows for the activation collectives, and for the replicated gradients summed in
+    backward (both from the rewritten graph's shapes: exact)."""
+    acts, grads = [], []
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _KIND_OF_FN:
             meta = n.meta[META]
             spec = meta.get("spec")
-            rows.append([n.name, meta["kind"], spec.dim if isinstance(spec, Shard) else "-",
-                         tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else "",
-                         _mib(_nbytes(n.meta.get("val"))), _BACKWARD[meta["kind"]]])
-    return rows
+            val = n.meta.get("val")
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ""
+            if meta["kind"] == "grad_sync":
+                grads.append([meta["source"], shape, human_bytes(_nbytes(val))])
+                continue
+            acts.append([n.name, meta["kind"], spec.dim if isinstance(spec, Shard) else "-",
+                         shape, human_bytes(_nbytes(val)), _BACKWARD[meta["kind"]]])
+    return acts, grads
 
 
 def parallel_report(pm) -> str:
@@ -131,9 +140,16 @@ def parallel_report(pm) -> str:
     parts = [f"autoseqpar: tp={pm.tp}, sequence_parallel={pm.options.sequence_parallel}, "
              f"rank {pm.rank}"]
     parts.append(tabulate(sorted(plan_rows.items()), headers=["layout", "modules"]))
-    parts.append(tabulate(collectives_table(gm),
-                          headers=["node", "collective", "dim", "local shape (fwd output)",
-                                   "bytes (fwd)", "backward"]))
+    acts, grads = collectives_table(gm)
+    parts.append(tabulate(acts, headers=["node", "collective", "dim", "local shape (output)",
+                                         "bytes (output)", "backward"]))
+    if grads:
+        total = sum(_nbytes(n.meta.get("val")) for n in gm.graph.nodes
+                    if n.meta.get(META, {}).get("kind") == "grad_sync" and n.op == "call_function")
+        parts.append(f"{len(grads)} replicated parameter uses on sharded values get their "
+                     f"gradients summed over the group in backward ({human_bytes(total)} "
+                     "all-reduced per step): " + ", ".join(g[0] for g in grads[:6])
+                     + (", ..." if len(grads) > 6 else ""))
     parts.append(tabulate([[r.name, f"{r.seconds * 1e3:.1f}",
                             ", ".join(f"{k} {v:+d}" for k, v in r.op_diff.items())]
                            for r in pm.pass_log], headers=["pass", "ms", "op-count diff"]))
