@@ -38,7 +38,7 @@ def decision(n: fx.Node, t: int) -> str:
         shard = meta.get("shard")
         if shard is not None:
             return f"{kind} shard dim {shard.dim}" + (f" ({shard.blocks} blocks)" if shard.blocks > 1 else "") + f", 1/{t} per rank"
-        return {"param": "param replicated", "buffer": "buffer", "rng": "per-rank dropout stream"}.get(kind, "")
+        return {"param": "param replicated", "buffer": "buffer", "seeds": "dropout seeds [per-rank, group-wide]"}.get(kind, "")
     if n.op != "call_function":
         return ""
     if n.target in _KIND_OF_FN:

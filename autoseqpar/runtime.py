@@ -12,6 +12,7 @@ import torch.utils._pytree as pytree
 
 from passes.layout import Shard, shard_tensor, unshard_tensor
 from passes.match import META
+from passes.rng import mix_seed
 
 from .capture import Captured
 from .errors import InputMismatchError
@@ -28,11 +29,6 @@ def _mirror(root: nn.Module, path: str) -> tuple[nn.Module, str]:
             mod.add_module(p, child)
         mod = child
     return mod, leaf
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The per-rank dropout seed: distinct for every rank, fixed by ``seed``."""
-    return (seed * 1_000_003 + 7_919 * (rank + 1)) % (2**63 - 1)
 
 
 class ParallelModule(nn.Module):
@@ -59,10 +55,8 @@ class ParallelModule(nn.Module):
         self._state_keys = tuple(model.state_dict().keys())
         self._param_names = tuple(n for n, _ in model.named_parameters())
         self._build_parameters(model, gm)
-        device = next(iter(self.parameters()), torch.empty(0)).device
-        self._rng = torch.Generator(device=device)
-        seed = options.seed if options.seed is not None else torch.initial_seed()
-        self._rng.manual_seed(rank_seed(seed, self.rank))
+        self._seed = options.seed if options.seed is not None else torch.initial_seed()
+        self._step = 0
         self.train(captured.training)
 
     # ----------------------------------------------------------------- construction
@@ -146,12 +140,19 @@ class ParallelModule(nn.Module):
                 call_args.append(buffers[meta["fqn"]])
             elif kind == "constant":
                 call_args.append(self._captured.constants[n.name])
-            elif kind == "rng":
-                call_args.append(self._rng)
+            elif kind == "seeds":
+                call_args.append(self.dropout_seeds())
             else:
                 call_args.append(next(leaves))
         out = self._gm(*call_args)
         return pytree.tree_unflatten(list(out), self._captured.out_spec)
+
+    def dropout_seeds(self) -> torch.Tensor:
+        """This step's dropout seeds: [per-rank stream, group-wide stream]. Each forward call
+        is a new step; the same ``seed`` gives the same sequence of masks run to run."""
+        self._step += 1
+        return torch.tensor([mix_seed(self._seed, 1 + self.rank, self._step),
+                             mix_seed(self._seed, 0, self._step)], dtype=torch.int64)
 
     def train(self, mode: bool = True):
         if mode != self._captured.training:

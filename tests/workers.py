@@ -91,28 +91,26 @@ def properties(rank: int, world: int) -> dict:
 
 
 def dropout_streams(rank: int, world: int) -> dict:
-    """With dropout on: masks differ across ranks, and are reproducible from the seed."""
+    """With dropout on: sharded masks differ across ranks, replicated ones agree, and the same
+    seed repeats the same losses."""
     from models import NanoGPT
-    outs = []
+    from passes.rng import dropout_mask
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = NanoGPT(dropout=0.5)
-        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-        pm = autoseqpar.transform(model, ((ids, ids), {}), seed=123)
-        logits, loss = pm(ids, ids)
-        outs.append(loss.item())
-    # the sequence-sharded embedding dropout output on this rank
-    pm = autoseqpar.transform(model, ((ids, ids), {}), seed=123)
-    gm = pm.graph.graph
-    captured = {}
-    for n in gm.nodes:
-        if n.op == "call_function" and getattr(n.target, "__name__", "") == "with_rank_rng":
-            captured["node"] = n.name
-            break
+        pm = autoseqpar.transform(NanoGPT(dropout=0.5), ((ids, ids), {}), seed=123)
+        losses.append([pm(ids, ids)[1].item() for _ in range(2)])
+    streams = []
+    for n in pm.graph.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.autoseqpar.dropout_mask.default:
+            streams.append(n.args[2].args[2])  # select(seeds, 0, i): 0 per-rank, 1 group-wide
+    seeds = pm.dropout_seeds()
     x = torch.ones(4, 16)
-    from passes.rng import with_rank_rng
-    mask = with_rank_rng(pm._rng, torch.ops.aten.dropout.default, x, 0.5, True)
-    parts = [torch.empty_like(mask) for _ in range(world)]
-    dist.all_gather(parts, mask)
-    return {"repeat": outs, "masks_differ": not torch.equal(parts[0], parts[-1]),
-            "sharded_dropout": captured.get("node")}
+    out = {}
+    for i, name in ((0, "per_rank"), (1, "group")):
+        mask = dropout_mask(x, 0.5, seeds[i], 7)
+        parts = [torch.empty_like(mask) for _ in range(world)]
+        dist.all_gather(parts, mask)
+        out[name + "_equal"] = all(torch.equal(parts[0], q) for q in parts)
+    return {"losses": losses, "streams": streams, **out}
