@@ -89,14 +89,15 @@ def _tag(ep, model, args, kw, injected) -> Captured:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     constants = {}
     leaves, _ = pytree.tree_flatten((tuple(args), kw))
-    leaf_iter = iter(leaves)
+    leaf_iter = iter(range(len(leaves)))
     for node, spec in zip(placeholders, ep.graph_signature.input_specs):
         if spec.kind not in kinds:
             raise UnsupportedModelError(f"input {spec.arg.name} of kind {spec.kind.name} is not "
                                         "supported (no custom objects or tokens in the graph)")
         meta = {"kind": kinds[spec.kind], "fqn": spec.target}
         if spec.kind == InputKind.USER_INPUT:
-            meta["example"] = next(leaf_iter)
+            meta["leaf"] = leaf_index = next(leaf_iter)
+            meta["example"] = leaves[leaf_index]
         if spec.kind == InputKind.CONSTANT_TENSOR:
             constants[node.name] = ep.constants[spec.target]
         node.meta[META] = meta
@@ -105,9 +106,25 @@ def _tag(ep, model, args, kw, injected) -> Captured:
             raise UnsupportedModelError(
                 f"the model's forward mutates {spec.target} ({spec.kind.name}); autoseqpar needs "
                 "a forward without in-place updates of buffers or inputs")
+    _inline_constant_inputs(gm)
     tied = _tied_parameters(model)
     for node in placeholders:
         if node.meta[META]["fqn"] in tied or node.meta[META]["fqn"] in tied.values():
             node.meta[META]["tied"] = True
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, leaves, injected,
                     tuple(kw), tied, constants, model.training)
+
+
+def _inline_constant_inputs(gm: fx.GraphModule) -> None:
+    """Non-tensor user inputs (``use_cache=False``, flags) become constants in the graph; the
+    runtime still checks every call passes the same value."""
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        meta = node.meta[META]
+        if meta["kind"] != "input" or isinstance(meta["example"], torch.Tensor):
+            continue
+        value = meta["example"]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+    gm.recompile()

@@ -125,7 +125,7 @@ class ParallelModule(nn.Module):
         return leaves
 
     def forward(self, *args, **kwargs):
-        leaves = iter(self._flatten_call(args, kwargs))
+        leaves = self._flatten_call(args, kwargs)
         params = dict(self.module.named_parameters(remove_duplicate=False))
         buffers = dict(self.module.named_buffers())
         call_args = []
@@ -143,7 +143,7 @@ class ParallelModule(nn.Module):
             elif kind == "seeds":
                 call_args.append(self.dropout_seeds())
             else:
-                call_args.append(next(leaves))
+                call_args.append(leaves[meta["leaf"]])
         out = self._gm(*call_args)
         return pytree.tree_unflatten(list(out), self._captured.out_spec)
 
