@@ -199,17 +199,34 @@ def _permute_like(node, specs, t) -> Propagation:
     return Propagation(Shard(perm.index(d), s.blocks, s.kind))
 
 
+def named_args(node: fx.Node) -> dict:
+    """The node's arguments by schema name (defaults filled in)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {}
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
 def _reduction(node, specs, t) -> Propagation:
     src, s = _single_input(node, specs)
     nd = len(shape_of(src))
     d = _norm(s.dim, nd)
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    args = named_args(node)
+    dims = args.get("dim")
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         raise NoRule("reduction over all dimensions", "mix")
     dims = [_norm(x, nd) for x in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if d in dims:
         raise NoRule("reduction over the sharded dimension", "mix")
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    keep = bool(args.get("keepdim", False))
     out = Shard(d if keep else d - sum(x < d for x in dims), s.blocks, s.kind)
     if isinstance(node.meta.get("val"), (tuple, list)):
         out = tuple(out for _ in node.meta["val"])
@@ -426,6 +443,8 @@ def _sdpa(node, specs, t) -> Propagation:
                 raise NoRule("q, k, v sharded differently", "mix")
             ref = (d, s.blocks)
             kind = s.kind
+    if ref is None:
+        raise NoRule("only the attention mask is sharded", "unsupported")
     d, blocks = ref
     slices, bcast = {}, []
     for a in tensor_operands(node):
@@ -511,7 +530,8 @@ def _propagate_partial(node, specs) -> Propagation:
         return Propagation(PARTIAL)
     if p in (aten.add, aten.sub) and all(isinstance(specs.get(a), Partial) for a in ops):
         return Propagation(PARTIAL)
-    if p in (aten.mul, aten.div) and len(ops) == 1 and node.args[0] is ops[0]:
+    if p in (aten.mul, aten.div) and node.args[0] is ops[0] and \
+            sum(isinstance(a, fx.Node) for a in node.args) == 1:
         return Propagation(PARTIAL)  # scaled by a Python number
     raise NoRule(f"{node.target} needs the full sum of a partial value", "mix")
 

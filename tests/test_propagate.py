@@ -399,11 +399,8 @@ def test_layout_str_and_kind():
     assert isinstance(Propagation(None).slices, dict)
 
 
-# ------------------------------------------------------- known bugs (strict xfail: remove
-# the marker when the rule is fixed)
+# ------------------------------------------------- regressions: bugs found by these tests
 
-@pytest.mark.xfail(strict=True, reason="bug: _propagate_partial treats mul(x, x) of a Partial "
-                   "as Partial (tensor_operands dedups x), but (sum_r x_r)^2 != sum_r x_r^2")
 def test_partial_times_itself_needs_the_full_sum():
     gm = export(lambda x: x * x, torch.randn(2, 8, 16))
     x = placeholder(gm, "x")
@@ -412,8 +409,6 @@ def test_partial_times_itself_needs_the_full_sum():
     assert e.value.kind == "mix"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _reduction reads linalg_vector_norm(x, ord, dim, "
-                   "keepdim)'s ord as the dims and its dim as keepdim")
 def test_vector_norm_over_the_sharded_dim_mixes():
     # an L1 normalization of a column-parallel output over its (sharded) features
     gm = export(lambda x: x.norm(p=1, dim=-1, keepdim=True), torch.randn(2, 8, 32))
@@ -425,8 +420,6 @@ def test_vector_norm_over_the_sharded_dim_mixes():
     assert propagate(norm, {x: Shard(1, 1, "seq")}, 2).out == Shard(1, 1, "seq")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _sdpa unpacks ref=None (TypeError) when only the "
-                   "attention mask is sharded; a rule must return or raise NoRule")
 def test_sdpa_with_only_the_mask_sharded_returns_or_raises_norule():
     class Attn(nn.Module):
         def forward(self, q, k, v, mask):
