@@ -6,11 +6,11 @@ compiler passes over torch.fx graphs.
 from .api import transform
 from .config import Options
 from .errors import (AutoSeqParError, CaptureError, ConfigError, DivisibilityError,
-                     InputMismatchError, NoParallelStructureError, PassError, ProcessGroupError,
+                     InputMismatchError, MemoryBudgetError, NoParallelStructureError, PassError, ProcessGroupError,
                      UnsupportedModelError)
 from .runtime import ParallelModule
 
 __version__ = "0.1.0"
 __all__ = ["transform", "Options", "ParallelModule", "AutoSeqParError", "CaptureError",
-           "ConfigError", "DivisibilityError", "InputMismatchError", "NoParallelStructureError",
+           "ConfigError", "DivisibilityError", "InputMismatchError", "MemoryBudgetError", "NoParallelStructureError",
            "PassError", "ProcessGroupError", "UnsupportedModelError"]

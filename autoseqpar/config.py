@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import ConfigError
 
@@ -15,13 +15,25 @@ class Options:
     sequence_parallel: Megatron sequence parallelism (reduce-scatter / all-gather around the
         sequence-local regions). False gives plain Megatron TP with all-reduces.
     seq_dim: the token dimension of the model's ``(batch, seq)`` inputs.
-    seed: base seed of the per-rank dropout streams (rank ``r`` uses a stream derived from
-        ``seed`` and ``r``); None takes ``torch.initial_seed()`` at transform time.
+    seed: base seed of the dropout streams (rank ``r``'s stream derives from ``seed``, ``r``
+        and the step); None takes ``torch.initial_seed()`` at transform time.
+    recompute: ``"auto"`` (least activation memory within ``max_overhead`` of the estimated
+        step time), ``"none"``, ``"paper"`` (Megatron's selective recompute: the attention
+        core), ``"full"`` (each layer from its input).
+    memory_budget: saved activation bytes per rank (int), or a fraction in (0, 1] of the
+        no-recompute plan's; the least recompute within it. Overrides ``recompute``.
+    max_overhead: the recompute allowance of ``"auto"``, a fraction of the step.
+    hardware: the cost model's profile: ``"a100"``, ``"h100"``, ``"h200"``, ``"cpu"``, a
+        :class:`autoseqpar.cost_model.Hardware`, or None (``"h100"`` on CUDA, else ``"cpu"``).
     """
 
     sequence_parallel: bool = True
     seq_dim: int = 1
     seed: Optional[int] = None
+    recompute: str = "auto"
+    memory_budget: Optional[Union[int, float]] = None
+    max_overhead: float = 0.03
+    hardware: object = None
 
     @classmethod
     def make(cls, **kwargs) -> "Options":

@@ -36,3 +36,11 @@ class PassError(AutoSeqParError):
 
 class ConfigError(AutoSeqParError, TypeError):
     """An unknown or invalid option."""
+
+
+class MemoryBudgetError(AutoSeqParError):
+    """``memory_budget`` is below what the most aggressive recompute plan still saves."""
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = minimum

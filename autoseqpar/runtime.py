@@ -58,6 +58,38 @@ class ParallelModule(nn.Module):
         self._seed = options.seed if options.seed is not None else torch.initial_seed()
         self._step = 0
         self.train(captured.training)
+        self.partitions: list = []  # PartitionRecord of each AOTAutograd partition
+        self._compiled = self._compile()
+
+    def _compile(self):
+        """Trace the joint forward+backward with AOTAutograd; the recompute solver partitions it."""
+        from passes._compat import aot_module
+
+        from .cost_model import hardware
+        from .errors import MemoryBudgetError
+        from .partition import graph_facts, make_partition_fn, make_policy
+        from .solver import InfeasibleBudget
+
+        opts = self.options
+        facts = graph_facts(self._gm)
+        policy = make_policy(opts.recompute, opts.memory_budget, facts, opts.max_overhead)
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        self.hardware = hardware(opts.hardware or ("h100" if device.type == "cuda" else "cpu"))
+        fn = make_partition_fn(policy, self.hardware, facts, self.partitions)
+        args = self._graph_args(self._captured.example_leaves, torch.zeros(2, dtype=torch.int64))
+        try:
+            return aot_module(self._gm, args, fn)
+        except Exception as e:
+            cause = e
+            while cause is not None and not isinstance(cause, InfeasibleBudget):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise MemoryBudgetError(
+                f"memory_budget={opts.memory_budget!r} is infeasible: {cause}. The smallest "
+                f"reachable is {cause.minimum} bytes of saved activations per rank (every layer "
+                "recomputed from its input); raise the budget to at least that.",
+                cause.minimum) from e
 
     # ----------------------------------------------------------------- construction
     def _build_parameters(self, model: nn.Module, gm: fx.GraphModule) -> None:
@@ -124,27 +156,31 @@ class ParallelModule(nn.Module):
                                          f"{want!r}")
         return leaves
 
-    def forward(self, *args, **kwargs):
-        leaves = self._flatten_call(args, kwargs)
+    def _graph_args(self, leaves: list, seeds: torch.Tensor) -> list:
+        """The rewritten graph's inputs in placeholder order."""
         params = dict(self.module.named_parameters(remove_duplicate=False))
         buffers = dict(self.module.named_buffers())
-        call_args = []
+        out = []
         for n in self._gm.graph.nodes:
             if n.op != "placeholder":
                 continue
             meta = n.meta.get(META, {})
             kind = meta.get("kind")
             if kind == "param":
-                call_args.append(params[meta["fqn"]])
+                out.append(params[meta["fqn"]])
             elif kind == "buffer":
-                call_args.append(buffers[meta["fqn"]])
+                out.append(buffers[meta["fqn"]])
             elif kind == "constant":
-                call_args.append(self._captured.constants[n.name])
+                out.append(self._captured.constants[n.name])
             elif kind == "seeds":
-                call_args.append(self.dropout_seeds())
+                out.append(seeds)
             else:
-                call_args.append(leaves[meta["leaf"]])
-        out = self._gm(*call_args)
+                out.append(leaves[meta["leaf"]])
+        return out
+
+    def forward(self, *args, **kwargs):
+        leaves = self._flatten_call(args, kwargs)
+        out = self._compiled(*self._graph_args(leaves, self.dropout_seeds()))
         return pytree.tree_unflatten(list(out), self._captured.out_spec)
 
     def dropout_seeds(self) -> torch.Tensor:

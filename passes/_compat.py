@@ -31,3 +31,29 @@ def fake_process_group_store():
 def torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
+
+
+def extract_fwd_bwd_modules(joint_module, saved_values, num_fwd_outputs: int):
+    """AOTAutograd's own split of a joint graph, given the values the backward reads."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_modules
+    return _extract_fwd_bwd_modules(joint_module, saved_values, [],
+                                    num_fwd_outputs=num_fwd_outputs)
+
+
+def aot_module(gm, example_args, partition_fn, fw_compiler=None, bw_compiler=None):
+    """``aot_module_simplified`` with a custom partition function (boxed eager by default)."""
+    from functorch.compile import aot_module_simplified, make_boxed_func
+
+    def boxed(g, _inputs):
+        return make_boxed_func(g)
+
+    return aot_module_simplified(gm, example_args, fw_compiler=fw_compiler or boxed,
+                                 bw_compiler=bw_compiler or fw_compiler or boxed,
+                                 partition_fn=partition_fn)
+
+
+def source_node_name(node):
+    """The name of the node of the traced-from graph that produced ``node`` (PyTorch's
+    ``from_node`` provenance), or None."""
+    src = node.meta.get("from_node")
+    return src[0].name if src else None

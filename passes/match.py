@@ -397,11 +397,49 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
                      tuple(n.name for n in nodes if is_dropout(n)))
 
 
+def find_attention_cores(gm: fx.GraphModule, tp: TPAnalysis) -> tuple[tuple[str, ...], ...]:
+    """Per TP block, the attention core the paper recomputes (QK^T, softmax, dropout, .V): the
+    nodes on paths from the block's first matmul of two activations (or its fused attention op)
+    to its last one, inclusive. Paths are followed in the graph as it is now, so nodes later
+    passes put in between (dropout masks) belong to the core too."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cores = []
+    for b in tp.blocks:
+        anchors = [nodes[x] for x in b.nodes if x in nodes and (
+            _is_activation_matmul(nodes[x]) or getattr(nodes[x].target, "overloadpacket", None)
+            is aten.scaled_dot_product_attention)]
+        if not anchors:
+            continue
+        down: set = set()
+        stack = [anchors[0]]
+        while stack:
+            n = stack.pop()
+            if n not in down:
+                down.add(n)
+                stack.extend(n.users)
+        up: set = set()
+        stack = [anchors[-1]]
+        while stack:
+            n = stack.pop()
+            if n not in up and n in down:
+                up.add(n)
+                stack.extend(n.all_input_nodes)
+        cores.append(tuple(n.name for n in gm.graph.nodes if n in up))
+    return tuple(cores)
+
+
+def _is_activation_matmul(n: fx.Node) -> bool:
+    p = getattr(n.target, "overloadpacket", None)
+    if p not in (aten.matmul, aten.bmm, aten.mm):
+        return False
+    return all(a.op != "placeholder" for a in n.args[:2] if isinstance(a, fx.Node))
+
+
 def describe_shape_failure(rej: Rejection) -> str:
     return f"{rej.node}: {rej.reason} (at {rej.at})"
 
 
 __all__ = ["TPLinear", "TPBlock", "TPAnalysis", "Rejection", "SeqRegion", "find_tp_blocks",
-           "find_seq_labels", "find_seq_region", "is_linear", "is_layer_norm", "is_dropout",
+           "find_seq_labels", "find_seq_region", "find_attention_cores", "is_linear", "is_layer_norm", "is_dropout",
            "is_attention", "is_param", "placeholder_kind", "param_fqn", "module_path", "META",
            "linear_bias"]

@@ -104,6 +104,9 @@ def fork_dropout_rng_pass(gm: fx.GraphModule, *, options: PassOptions) -> fx.Gra
             out = gm.graph.call_function(aten.mul.Tensor, (kept, 1.0 / (1.0 - prob)))
         layout = n.meta.get(META, {}).get("layout")
         for new in (seed, mask, kept, out):
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in n.meta:
+                    new.meta[key] = n.meta[key]
             stamp(new, "fork_dropout_rng_pass", source=n.name, layout=layout)
         seed.meta[META]["layout"] = None
         if native:

@@ -1,0 +1,157 @@
+"""AOTAutograd partition function: recompute policy -> solver decision -> forward/backward graphs.
+
+Decisions are tags first: every forward node of the joint graph gets
+``meta["autoseqpar"]["recompute"]`` (``"save"``, ``"recompute"``), and the split is then made by
+AOTAutograd's own extraction from the saved values (a separate step that only reads the tags).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from passes._compat import extract_fwd_bwd_modules, source_node_name
+from passes.match import META
+
+from .cost_model import Hardware, value_bytes
+from .errors import ConfigError
+from .solver import Plan, Policy, activation_free, classify, is_free_view, search
+
+RECOMPUTE_OPTIONS = ("auto", "none", "paper", "full")
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the policies need to know about the forward graph the joint was traced from."""
+    layer_of: dict  # forward-graph node name -> layer path (or absent)
+    attention_core: frozenset  # forward-graph node names of the attention cores
+    constant_primals: frozenset  # 1-based placeholder positions of params/buffers/constants
+    collectives: frozenset  # forward-graph node names of the inserted collectives
+
+
+def make_policy(recompute: str, budget, facts: GraphFacts, max_overhead: float = 0.03) -> Policy:
+    """The solver policy of a ``recompute=`` option (and ``memory_budget=`` in bytes)."""
+    src = source_node_name
+    if budget is not None:
+        if isinstance(budget, float) and 0 < budget <= 1:
+            return Policy("budget", budget_fraction=budget)
+        if budget <= 0:
+            raise ConfigError(f"memory_budget={budget!r}: give bytes per rank (> 0) or a "
+                              "fraction in (0, 1] of the no-recompute activation memory")
+        return Policy("budget", budget=int(budget))
+    if recompute == "auto":
+        return Policy("auto", max_overhead=max_overhead)
+    movement = lambda n: is_free_view(n) or src(n) in facts.collectives  # noqa: E731
+    if recompute == "none":
+        # no FLOPs again: only views and the collectives (with the copies that assemble their
+        # output): the SP all-gather is re-gathered from the saved shard, as the paper counts
+        return Policy("none", allow=movement, memory_first=True)
+    if recompute == "paper":
+        core = facts.attention_core
+        return Policy("paper", allow=lambda n: movement(n) or src(n) in core,
+                      must_recompute=lambda n: src(n) in core, memory_first=True)
+    if recompute == "full":
+        layers = facts.layer_of
+        return Policy("full", must_recompute=lambda n: layers.get(src(n)) is not None,
+                      memory_first=True)
+    raise ConfigError(f"recompute={recompute!r}; choose one of {RECOMPUTE_OPTIONS} or give "
+                      "memory_budget=")
+
+
+@dataclass
+class PartitionRecord:
+    """What one partition call decided, for reports and tests."""
+    policy: str
+    plan: Plan
+    saved: list  # (name, shape, dtype, bytes, layer, source node) of each saved activation
+    primals_read: int  # parameters / inputs the backward reads (not activation memory)
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    joint: fx.GraphModule
+    seconds: float
+    num_fwd_outputs: int
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(s[3] for s in self.saved)
+
+
+def make_partition_fn(policy: Policy, hw: Hardware, facts: GraphFacts, records: list) -> Callable:
+    layer_key = lambda n: facts.layer_of.get(source_node_name(n))  # noqa: E731
+
+    def partition(joint_module: fx.GraphModule, _joint_inputs, *, num_fwd_outputs: int, **_):
+        start = time.perf_counter()
+        joint_module.graph.eliminate_dead_code()
+        joint_module.recompile()
+        joint = classify(joint_module, num_fwd_outputs)
+        chosen = replace(policy, constant=activation_free(joint_module, facts.constant_primals))
+        if policy.budget_fraction is not None:
+            none = replace(make_policy("none", None, facts), constant=chosen.constant)
+            reference = search(joint, none, hw, layer_key)
+            chosen = replace(chosen, budget=int(policy.budget_fraction * reference.saved_bytes))
+        plan = search(joint, chosen, hw, layer_key)
+        saved = _with_primals(joint, plan.saved)
+        _tag(joint, plan)
+        seconds = time.perf_counter() - start
+        fw, bw = extract_fwd_bwd_modules(joint_module, saved, num_fwd_outputs)
+        records.append(PartitionRecord(
+            policy.name, plan,
+            [(n.name, tuple(n.meta["val"].shape), n.meta["val"].dtype, value_bytes(n),
+              layer_key(n), source_node_name(n)) for n in plan.saved],
+            sum(1 for n in saved if n.op == "placeholder"), fw, bw, joint_module, seconds,
+            num_fwd_outputs))
+        return fw, bw
+
+    return partition
+
+
+def _with_primals(joint, saved: list) -> list:
+    """Add the primal inputs (parameters, inputs, seeds) that backward or recomputation reads:
+    they cost no activation memory but the backward graph needs them as inputs."""
+    keep = set(saved)
+    primals: dict = {}
+    stack = [a for n in joint.backward if n.op != "placeholder" for a in n.all_input_nodes]
+    seen: set = set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n in keep or n in joint.backward:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            primals[n] = None
+        else:
+            stack.extend(n.all_input_nodes)
+    return [*sorted(primals, key=joint.order.get), *saved]
+
+
+def _tag(joint, plan: Plan) -> None:
+    saved, rec = set(plan.saved), set(plan.recomputed)
+    for n in joint.forward:
+        n.meta.setdefault(META, {})["recompute"] = (
+            "save" if n in saved else "recompute" if n in rec else "forward")
+
+
+def graph_facts(gm: fx.GraphModule) -> GraphFacts:
+    """Layer paths and attention cores of the rewritten forward graph."""
+    from passes.match import find_attention_cores, module_path
+    from .solver import layer_of
+
+    layers: dict = {}
+    for n in gm.graph.nodes:
+        key = layer_of(module_path(n)) if n.meta.get("nn_module_stack") else None
+        if key is None:
+            key = layers.get(n.meta.get(META, {}).get("source"))
+        if key is not None:
+            layers[n.name] = key
+    plan = gm.meta.get("autoseqpar_plan")
+    cores = find_attention_cores(gm, plan.tp) if plan is not None else ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constant = frozenset(i + 1 for i, n in enumerate(placeholders)
+                         if n.meta.get(META, {}).get("kind") in ("param", "buffer", "constant"))
+    from passes.collectives import FUNCTIONS
+    collectives = frozenset(n.name for n in gm.graph.nodes
+                            if n.op == "call_function" and n.target in FUNCTIONS.values())
+    return GraphFacts(layers, frozenset(x for c in cores for x in c), constant, collectives)
