@@ -99,6 +99,11 @@ def collective_name(node: fx.Node):
     return None
 
 
+def is_flop_op(node: fx.Node) -> bool:
+    """Matmuls, convolutions, attention kernels: the ops ``flop_counter`` has a formula for."""
+    return node.op == "call_function" and packet(node) in flop_registry
+
+
 def is_view(node: fx.Node) -> bool:
     return node.target is operator.getitem or packet(node) in VIEW_OPS
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 from passes._compat import extract_fwd_bwd_modules, source_node_name
 from passes.match import META
 
-from .cost_model import Hardware, value_bytes
+from .cost_model import Hardware, is_flop_op, value_bytes
 from .errors import ConfigError
 from .solver import Plan, Policy, activation_free, classify, is_free_view, search
 
@@ -30,6 +30,7 @@ class GraphFacts:
     attention_core: frozenset  # forward-graph node names of the attention cores
     constant_primals: frozenset  # 1-based placeholder positions of params/buffers/constants
     collectives: frozenset  # forward-graph node names of the inserted collectives
+    core_outputs: frozenset = frozenset()  # the last node of each core (.V / fused attention)
 
 
 def make_policy(recompute: str, budget, facts: GraphFacts, max_overhead: float = 0.03) -> Policy:
@@ -50,9 +51,17 @@ def make_policy(recompute: str, budget, facts: GraphFacts, max_overhead: float =
         # output): the SP all-gather is re-gathered from the saved shard, as the paper counts
         return Policy("none", allow=movement, memory_first=True)
     if recompute == "paper":
-        core = facts.attention_core
-        return Policy("paper", allow=lambda n: movement(n) or src(n) in core,
-                      must_recompute=lambda n: src(n) in core, memory_first=True)
+        # QK^T, softmax, dropout are rebuilt; the attention output (the output projection's
+        # input) is kept, as in the paper's 34 sbh: the core's last matmul is not rerun.
+        core, outs = facts.attention_core, facts.core_outputs
+
+        def last_matmul(n):
+            return src(n) in outs and is_flop_op(n)
+
+        return Policy("paper",
+                      allow=lambda n: movement(n) or (src(n) in core and not last_matmul(n)),
+                      must_recompute=lambda n: src(n) in core and src(n) not in outs,
+                      memory_first=True)
     if recompute == "full":
         layers = facts.layer_of
         return Policy("full", must_recompute=lambda n: layers.get(src(n)) is not None,
@@ -154,4 +163,6 @@ def graph_facts(gm: fx.GraphModule) -> GraphFacts:
     from passes.collectives import FUNCTIONS
     collectives = frozenset(n.name for n in gm.graph.nodes
                             if n.op == "call_function" and n.target in FUNCTIONS.values())
-    return GraphFacts(layers, frozenset(x for c in cores for x in c), constant, collectives)
+    core = frozenset(x for c in cores for x in c.nodes)
+    return GraphFacts(layers, core, constant, collectives,
+                      frozenset(c.output for c in cores))

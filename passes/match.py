@@ -397,7 +397,13 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
                      tuple(n.name for n in nodes if is_dropout(n)))
 
 
-def find_attention_cores(gm: fx.GraphModule, tp: TPAnalysis) -> tuple[tuple[str, ...], ...]:
+@dataclass(frozen=True)
+class AttentionCore:
+    nodes: tuple[str, ...]  # QK^T ... .V, graph order
+    output: str  # the last node (.V or the fused attention): its value feeds the projection
+
+
+def find_attention_cores(gm: fx.GraphModule, tp: TPAnalysis) -> tuple[AttentionCore, ...]:
     """Per TP block, the attention core the paper recomputes (QK^T, softmax, dropout, .V): the
     nodes on paths from the block's first matmul of two activations (or its fused attention op)
     to its last one, inclusive. Paths are followed in the graph as it is now, so nodes later
@@ -424,7 +430,8 @@ def find_attention_cores(gm: fx.GraphModule, tp: TPAnalysis) -> tuple[tuple[str,
             if n not in up and n in down:
                 up.add(n)
                 stack.extend(n.all_input_nodes)
-        cores.append(tuple(n.name for n in gm.graph.nodes if n in up))
+        cores.append(AttentionCore(tuple(n.name for n in gm.graph.nodes if n in up),
+                                   anchors[-1].name))
     return tuple(cores)
 
 
@@ -440,6 +447,6 @@ def describe_shape_failure(rej: Rejection) -> str:
 
 
 __all__ = ["TPLinear", "TPBlock", "TPAnalysis", "Rejection", "SeqRegion", "find_tp_blocks",
-           "find_seq_labels", "find_seq_region", "find_attention_cores", "is_linear", "is_layer_norm", "is_dropout",
+           "find_seq_labels", "find_seq_region", "find_attention_cores", "AttentionCore", "is_linear", "is_layer_norm", "is_dropout",
            "is_attention", "is_param", "placeholder_kind", "param_fqn", "module_path", "META",
            "linear_bias"]

@@ -114,3 +114,103 @@ def dropout_streams(rank: int, world: int) -> dict:
         dist.all_gather(parts, mask)
         out[name + "_equal"] = all(torch.equal(parts[0], q) for q in parts)
     return {"losses": losses, "streams": streams, **out}
+
+
+def recompute_parity(rank: int, world: int, names: list, options: list) -> dict:
+    """Gradients with every recompute option equal the unmodified model's (dropout 0)."""
+    out = {}
+    for name in names:
+        for opt in options:
+            case, model, args, kwargs = build(name, world)
+            ref_loss = case.loss(model(*args, **kwargs))
+            ref_loss.backward()
+            ref = {n: p.grad for n, p in model.named_parameters()}
+            model.zero_grad()
+            pm = autoseqpar.transform(model, (args, kwargs), **opt)
+            loss = case.loss(pm(*args, **kwargs))
+            loss.backward()
+            grads = pm.gather_grads()
+            out[(name, str(opt))] = {
+                "loss": abs(loss.item() - ref_loss.item()),
+                "grad": max((grads[n] - g).abs().max().item() for n, g in ref.items()
+                            if g is not None),
+                "scale": max(g.abs().max().item() for g in ref.values() if g is not None),
+                "saved": pm.partitions[-1].saved_bytes,
+            }
+    return out
+
+
+def dropout_recompute(rank: int, world: int) -> dict:
+    """Dropout 0.1, one seed: the default plan's gradients equal recompute="none"'s (the masks
+    rebuilt in backward are the forward's), and a budgeted plan's too."""
+    from models import NanoGPT
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    recomputed_masks = {}
+    for opt in ({"recompute": "none"}, {"recompute": "auto"}, {"memory_budget": 0.3},
+                {"recompute": "full"}):
+        torch.manual_seed(0)
+        model = NanoGPT(block_size=16, dropout=0.1)
+        pm = autoseqpar.transform(model, ((ids, ids), {}), seed=7, **opt)
+        pm(ids, ids)[1].backward()
+        grads[str(opt)] = pm.gather_grads()
+        rec = pm.partitions[-1]
+        recomputed_masks[str(opt)] = sum(
+            1 for n in rec.plan.recomputed
+            if n.target is torch.ops.autoseqpar.dropout_mask.default)
+    base = grads[str({"recompute": "none"})]
+    diffs = {k: max((g[n] - base[n]).abs().max().item() for n in base) for k, g in grads.items()}
+    return {"diffs": diffs, "recomputed_masks": recomputed_masks}
+
+
+def activation_bytes(rank: int, world: int, sizes: tuple, modes: list, step: bool = True) -> dict:
+    """Saved activation bytes per layer per rank for each (sequence_parallel, recompute), from
+    the partitioned graph and, independently, from autograd's saved-tensor hooks on a real step."""
+    from models import NanoGPT
+    s, b, h, a, L = sizes
+    ids = torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for sp, rec in modes:
+        torch.manual_seed(0)
+        model = NanoGPT(vocab_size=128, block_size=s, n_layer=L, n_head=a, n_embd=h,
+                        dropout=0.1).to(torch.bfloat16)
+        pm = autoseqpar.transform(model, ((ids, ids), {}), sequence_parallel=sp, recompute=rec)
+        part = pm.partitions[-1]
+        per_layer: dict = {}
+        for _, _, _, nbytes, layer, _ in part.saved:
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes
+        hooked = _hooked_saved_bytes(pm, ids) if step else None
+        out[(sp, rec)] = {"per_layer": per_layer, "graph_total": part.saved_bytes,
+                          "hooked_total": hooked,
+                          "flops_frac": part.plan.recompute_flops / max(1, _step_flops(part)),
+                          "time_frac": part.plan.recompute_time / _step_time(pm, part)}
+    return out
+
+
+def _step_flops(part) -> int:
+    from autoseqpar.solver import CostCache, classify, step_totals
+    from autoseqpar.cost_model import HARDWARE
+    return step_totals(classify(part.joint, part.num_fwd_outputs), CostCache(HARDWARE["cpu"])).step_flops
+
+
+def _step_time(pm, part) -> float:
+    from autoseqpar.solver import CostCache, classify, step_totals
+    return step_totals(classify(part.joint, part.num_fwd_outputs), CostCache(pm.hardware)).step_time
+
+
+def _hooked_saved_bytes(pm, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, not counting parameters,
+    buffers or the inputs: what the forward adds to memory until backward."""
+    skip = {t.untyped_storage().data_ptr() for t in [*pm.parameters(), *pm.buffers(), ids]}
+    seen: dict = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = pm(ids, ids)[1]
+    loss.backward()
+    return sum(seen.values())
