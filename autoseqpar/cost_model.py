@@ -137,6 +137,35 @@ def collective_bytes(node: fx.Node) -> int:
     return factor * full * (t - 1) // t
 
 
+ALIASING_MULTI = {aten.split, aten.split_with_sizes, aten.unbind, aten.chunk}
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node``'s value lives in: through views (and getitems of
+    splits) to the op that allocated it; a placeholder for views of inputs and parameters."""
+    n = node
+    while True:
+        if n.op != "call_function":
+            return n
+        if n.target is operator.getitem:
+            src = n.args[0]
+            if packet(src) in ALIASING_MULTI:
+                n = src.args[0]
+                continue
+            return n
+        if packet(n) in VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+            continue
+        return n
+
+
+def saved_bytes(nodes) -> int:
+    """Memory a set of saved values keeps alive: each distinct storage once, at its full size;
+    views of parameters and inputs cost nothing (they are alive anyway)."""
+    roots = {storage_root(n) for n in nodes}
+    return sum(value_bytes(r) for r in roots if r.op != "placeholder")
+
+
 def _args_vals(node: fx.Node):
     return fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 from passes._compat import extract_fwd_bwd_modules, source_node_name
 from passes.match import META
 
-from .cost_model import Hardware, is_flop_op, value_bytes
+from .cost_model import Hardware, is_flop_op, storage_root, value_bytes
 from .errors import ConfigError
 from .solver import Plan, Policy, activation_free, classify, is_free_view, search
 
@@ -108,13 +108,26 @@ def make_partition_fn(policy: Policy, hw: Hardware, facts: GraphFacts, records: 
         fw, bw = extract_fwd_bwd_modules(joint_module, saved, num_fwd_outputs)
         records.append(PartitionRecord(
             policy.name, plan,
-            [(n.name, tuple(n.meta["val"].shape), n.meta["val"].dtype, value_bytes(n),
-              layer_key(n), source_node_name(n)) for n in plan.saved],
+            [(n.name, tuple(n.meta["val"].shape), n.meta["val"].dtype, nbytes,
+              layer_key(n), source_node_name(n)) for n, nbytes in storage_bytes(plan.saved)],
             sum(1 for n in saved if n.op == "placeholder"), fw, bw, joint_module, seconds,
             num_fwd_outputs))
         return fw, bw
 
     return partition
+
+
+def storage_bytes(saved: list) -> list:
+    """(node, bytes) with each storage counted once, on the first saved value that holds it
+    (a saved view of a parameter or input costs nothing)."""
+    seen: set = set()
+    out = []
+    for n in saved:
+        root = storage_root(n)
+        fresh = root not in seen and root.op != "placeholder"
+        seen.add(root)
+        out.append((n, value_bytes(root) if fresh else 0))
+    return out
 
 
 def _with_primals(joint, saved: list) -> list:

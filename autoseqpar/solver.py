@@ -58,10 +58,11 @@ import torch
 import torch.fx as fx
 
 from .cost_model import (ZERO_COST, Hardware, collective_name, is_view, node_cost, node_time,
-                         packet, value_bytes)
+                         packet, saved_bytes, storage_root, value_bytes)
 
 aten = torch.ops.aten
 INF_SCALE = 1e12  # capacities are integers in picoseconds (and λ·bytes in the same unit)
+MEMORY_FIRST = 10**18  # per byte at λ = ∞: more than any plan's total recompute picoseconds
 
 
 class InfeasibleBudget(Exception):
@@ -212,10 +213,10 @@ def build_network(nodes: list, joint: Joint, policy: Policy, hw: Hardware, lam: 
         if (not ext and policy.must_recompute(v)) or multi:
             g.add_edge(vin, vout)
         else:
-            g.add_edge(vin, vout, capacity=_cap(lam * costs.nbytes(v)) if math.isfinite(lam)
-                       else None)
-            if not math.isfinite(lam):
-                g[vin][vout]["capacity"] = 10**30 + costs.nbytes(v) * 10**12
+            # λ = ∞ (memory first): bytes dominate any sum of recompute times, which still
+            # break ties between plans of equal bytes
+            cap = _cap(lam * costs.nbytes(v)) if math.isfinite(lam) else costs.nbytes(v) * MEMORY_FIRST
+            g.add_edge(vin, vout, capacity=cap)
         if v in joint.needed:
             g.add_edge(vout, "sink")
         for u in v.users:
@@ -237,8 +238,10 @@ class CostCache:
         return self._t[n]
 
     def nbytes(self, n):
+        """Bytes saving ``n`` keeps alive: its storage's (a view keeps its base alive)."""
         if n not in self._b:
-            self._b[n] = value_bytes(n)
+            root = storage_root(n)
+            self._b[n] = 0 if root.op == "placeholder" else value_bytes(root)
         return self._b[n]
 
     def flops(self, n):
@@ -269,7 +272,7 @@ def solve_at(nodes: list, joint: Joint, policy: Policy, lam: float, costs: CostC
              if isinstance(v, tuple) and v[0] == "in" and v in src_side
              and ("out", v[1]) not in src_side]
     saved.sort(key=joint.order.get)
-    return Cut(saved, recomputed, sum(costs.nbytes(n) for n in saved),
+    return Cut(saved, recomputed, saved_bytes(saved),
                sum(costs.time(n) for n in recomputed), sum(costs.flops(n) for n in recomputed),
                lam)
 
@@ -359,8 +362,9 @@ def combine(units: list, joint: Joint, costs: CostCache, lam: float, solves: int
     """The plan made of the units' decisions (a value saved by any unit is saved)."""
     saved = sorted({n: None for u in units for n in u.saved if n is not None},
                    key=joint.order.get)
-    rec = sorted({n for u in units for n in u.recomputed}, key=joint.order.get)
-    return Plan(saved, rec, sum(costs.nbytes(n) for n in saved),
+    kept = set(saved)  # a value one unit saves is not recomputed by another
+    rec = sorted({n for u in units for n in u.recomputed if n not in kept}, key=joint.order.get)
+    return Plan(saved, rec, saved_bytes(saved),
                 sum(costs.time(n) for n in rec), sum(costs.flops(n) for n in rec), lam, solves)
 
 
@@ -413,6 +417,9 @@ def search(joint: Joint, policy: Policy, hw: Hardware, layer_key: Callable) -> P
     costs = CostCache(hw)
     nodes = relevant(joint)
     classes, rest = group_layers(nodes, layer_key)
+    if len(nodes) <= LOCAL_SEARCH_NODES and not policy.memory_first:
+        # small enough to cut whole: no layer boundary limits what may be recomputed
+        classes, rest = [], nodes
     solves = 0
 
     def at(lam):
@@ -453,8 +460,97 @@ def search(joint: Joint, policy: Policy, hw: Hardware, layer_key: Callable) -> P
     feasible.append(_mix(below[0], above[0], ok, rank, joint, costs))
     best = min((p for p in feasible if p is not None and ok(p)), key=rank,
                default=below[1])
+    if len(nodes) <= LOCAL_SEARCH_NODES and ok(best):
+        # polish from every feasible cut of the sweep, by two greedy rules; keep the best
+        ev = Evaluator(joint, nodes, policy, costs)
+        polish = _fill if budget_mode else _trim
+        starts = sorted((p for p in feasible if p is not None and ok(p)), key=rank)[:6]
+        for start in starts:
+            for by_ratio in (True, False):
+                improved = polish(start, ev, ok, by_ratio)
+                if improved is not None and ok(improved) and rank(improved) < rank(best):
+                    best = improved
     best.solves = solves
     return best
+
+
+# ------------------------------------------------------------------- exact-constraint polish
+
+LOCAL_SEARCH_NODES = 1500  # graphs up to this many relevant nodes get the greedy polish
+
+
+class Evaluator:
+    """A plan from its saved set alone: backward recomputes every value it needs that is not
+    saved (and their inputs, transitively); None when that would rerun a banned node."""
+
+    def __init__(self, joint: Joint, nodes: list, policy: Policy, costs: CostCache):
+        self.joint, self.costs = joint, costs
+        self.inside = set(nodes)
+        self.allowed = {v: not banned_from_recompute(v) and (policy.allow(v) or policy.constant(v))
+                        for v in nodes}
+        self.saveable = {v: not policy.must_recompute(v)
+                         and not isinstance(v.meta.get("val"), (tuple, list)) for v in nodes}
+        self.needed = [v for v in nodes if v in joint.needed]
+
+    def __call__(self, saved: set) -> Optional[Plan]:
+        rec: set = set()
+        stack = [v for v in self.needed if v not in saved]
+        while stack:
+            v = stack.pop()
+            if v in rec or v in saved:
+                continue
+            if not self.allowed[v]:
+                return None
+            rec.add(v)
+            stack.extend(a for a in v.all_input_nodes if a in self.inside)
+        used = sorted((v for v in saved if v in self.joint.needed or
+                       any(u in rec for u in v.users)), key=self.joint.order.get)
+        rec_l = sorted(rec, key=self.joint.order.get)
+        c = self.costs
+        return Plan(used, rec_l, saved_bytes(used), sum(c.time(v) for v in rec_l),
+                    sum(c.flops(v) for v in rec_l), math.nan)
+
+
+def _fill(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool = True) -> Optional[Plan]:
+    """Budget mode: spend the unused budget -- save, one at a time, the recomputed value that
+    removes the most recompute time per byte while the budget holds."""
+    cur = ev(set(plan.saved))
+    while cur is not None:
+        best = None
+        for v in cur.recomputed:
+            if not ev.saveable[v]:
+                continue
+            p = ev(set(cur.saved) | {v})
+            if p is None or not ok(p) or p.recompute_time >= cur.recompute_time:
+                continue
+            gain = cur.recompute_time - p.recompute_time
+            score = gain / max(p.saved_bytes - cur.saved_bytes, 1) if by_ratio else gain
+            if best is None or score > best[0]:
+                best = (score, p)
+        if best is None:
+            return cur
+        cur = best[1]
+    return None
+
+
+def _trim(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool = True) -> Optional[Plan]:
+    """Overhead mode: spend the unused recompute allowance -- stop saving, one at a time, the
+    value that frees the most bytes per second of recompute added, while the allowance holds."""
+    cur = ev(set(plan.saved))
+    while cur is not None:
+        best = None
+        for v in cur.saved:
+            p = ev(set(cur.saved) - {v})
+            if p is None or not ok(p) or p.saved_bytes >= cur.saved_bytes:
+                continue
+            gain = cur.saved_bytes - p.saved_bytes
+            score = gain / max(p.recompute_time - cur.recompute_time, 1e-15) if by_ratio else gain
+            if best is None or score > best[0]:
+                best = (score, p)
+        if best is None:
+            return cur
+        cur = best[1]
+    return None
 
 
 def _mix(below: list, above: list, ok: Callable, rank: Callable, joint: Joint,

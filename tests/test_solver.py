@@ -307,11 +307,6 @@ def test_fan_out_finite_lambda_saves_least_bytes():
     assert c.saved_bytes == 200 and names(c.saved) == ["ra", "rb"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "solver.build_network at λ=inf weighs a saved node 10**30 + bytes*10**12, so the λ=inf cut "
-    "minimises the NUMBER of saved tensors before their bytes: it saves the 1000-byte 'big' "
-    "instead of two 100-byte tensors, and search() with budget=500 raises InfeasibleBudget "
-    "(minimum 1000) though 200 bytes is reachable"))
 def test_lambda_infinity_saves_least_bytes():
     joint = fan_out()
     c = cut(joint, Policy("t"), math.inf)
@@ -352,9 +347,11 @@ class GPTJoint:
 
     def bounds(self):
         """(the solver's minimum reachable bytes, the bytes of its λ=0 plan)."""
-        low = solver.search(self.joint, replace(self.policy(budget=10**12), memory_first=True),
-                            self.hw, self.layer_key)
-        return low.saved_bytes, self.lambda_plan(0.0).saved_bytes
+        try:
+            solver.search(self.joint, self.policy(budget=1), self.hw, self.layer_key)
+        except InfeasibleBudget as e:
+            return e.minimum, self.lambda_plan(0.0).saved_bytes
+        return 0, self.lambda_plan(0.0).saved_bytes
 
 
 @pytest.fixture(scope="module")
@@ -401,15 +398,18 @@ def budgets(lo, hi, k):
 def test_budget_is_never_exceeded(gpt, n_layer, k):
     g = gpt(n_layer)
     lo, hi = g.bounds()
-    assert 0 < lo < hi
-    for b in budgets(lo, hi, k):
+    # every op may be recomputed under a budget (dropout masks replay from their seed), so
+    # the whole forward can be rebuilt from the parameters: the minimum may be 0 bytes
+    assert 0 <= lo < hi
+    for b in budgets(max(lo, 1), hi, k):
         pol = g.policy(budget=b)
         plan = solver.search(g.joint, pol, g.hw, g.layer_key)
         assert plan.saved_bytes <= b, (b, plan.saved_bytes)
         check_plan(g.joint, plan, pol)
-    with pytest.raises(InfeasibleBudget) as e:
-        solver.search(g.joint, g.policy(budget=lo - 1), g.hw, g.layer_key)
-    assert e.value.minimum == lo
+    if lo > 1:
+        with pytest.raises(InfeasibleBudget) as e:
+            solver.search(g.joint, g.policy(budget=lo - 1), g.hw, g.layer_key)
+        assert e.value.minimum == lo
 
 
 def test_exact_plans_are_valid_and_bound_the_solver(gpt):
@@ -436,22 +436,9 @@ def test_exact_plans_are_valid_and_bound_the_solver(gpt):
     assert exact.recompute_time <= least.recompute_time + 1e-12
 
 
-# Measured (CPU profile, tp=2; budget: solver / exact recompute seconds). The solver keeps only
-# λ-breakpoint plans (and mixes of its layer units); the exact plans save residual-stream values
-# and all-gathered matmul inputs between those points instead of recomputing collectives.
-GAP_1 = ("solver up to +196% above exact on 1-layer NanoGPT: 8960: 3.64e-4/2.33e-4 (+56%); "
-         "25216: 1.80e-4/1.25e-4 (+44%); 41472: 1.80e-4/6.08e-5 (+196%); 57728: 5.46e-5/4.02e-5 "
-         "(+36%); 73985: 3.95e-5/2.34e-5 (+68%); 90241 +2.6%, 106497 and 122754 equal")
-GAP_2 = ("solver up to +72% above exact on 2-layer NanoGPT: 13824: 6.57e-4/4.55e-4 (+44%); "
-         "43684: 3.97e-4/2.31e-4 (+72%); 73545: 1.14e-4/1.06e-4 (+7%); 103406: 8.84e-5/6.96e-5 "
-         "(+27%); 133267: 5.58e-5/3.81e-5 (+47%); 163128: 1.70e-5/1.42e-5 (+20%); 192989 and "
-         "222850 equal")
-
-
-@pytest.mark.parametrize("n_layer", [
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=GAP_1)),
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=GAP_2)),
-])
+# The sweep runs from 1 byte (every op may be recomputed under a budget) to the least bytes the
+# solver keeps with no recompute; the solver is within 5% of the exact optimum at every point.
+@pytest.mark.parametrize("n_layer", [1, 2])
 def test_solver_within_5_percent_of_exact(gpt, n_layer):
     pytest.importorskip("scipy")
     from autoseqpar.ilp import solve_exact
@@ -462,7 +449,7 @@ def test_solver_within_5_percent_of_exact(gpt, n_layer):
     top = solver.search(g.joint, g.policy(budget=hi), g.hw, g.layer_key)
     assert top.recompute_time == 0
     rows, bad = [], []
-    for b in budgets(lo, top.saved_bytes, 8):
+    for b in budgets(max(lo, 1), top.saved_bytes, 8):
         pol = g.policy(budget=b)
         exact = solve_exact(g.joint, pol, g.hw, b)
         found = solver.search(g.joint, pol, g.hw, g.layer_key)
@@ -508,10 +495,6 @@ def test_auto_stays_within_its_overhead(gpt, n_layer):
     assert plan.saved_bytes < g.lambda_plan(0.0).saved_bytes  # it does trade some memory
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "solver.combine unions the units' decisions: a layer's external input that the layer "
-    "unit saves is also recomputed by the unit that owns it (1-layer NanoGPT, policy 'full': "
-    "mul_1, add_4 and the index views in both lists), so its bytes AND time are counted"))
 def test_grouped_plans_never_save_and_recompute_a_value(gpt):
     g = gpt(1)
     for name in ("none", "full", "auto"):
