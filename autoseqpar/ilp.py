@@ -10,7 +10,8 @@ two binary variables per node ``v``: ``r_v`` (recomputed in backward) and ``s_v`
                 r_v = 0               where v may not be recomputed -- the rules of
                                       solver.build_network: banned_from_recompute(v), or
                                       neither policy.allow(v) nor policy.constant(v)
-                s_v = 0               where policy.must_recompute(v) or v is multi-output
+                s_v = 0               where policy.must_recompute(v) (unless solver.must_save(v):
+                                      a value nothing can rebuild) or v is multi-output
                                       (its meta val is a tuple/list)
 
 Inputs of the set outside it (placeholders: primals, tangents) are available for free. Costs
@@ -34,7 +35,7 @@ import numpy as np
 
 from .cost_model import Hardware
 from .solver import (CostCache, InfeasibleBudget, Joint, Plan, Policy, banned_from_recompute,
-                     relevant)
+                     must_save, relevant)
 
 
 def _scipy():
@@ -62,7 +63,8 @@ def solve_exact(joint: Joint, policy: Policy, hw: Hardware, budget_bytes: Option
     nbytes = np.array([costs.nbytes(n) for n in nodes], dtype=float)
     can_r = [not (banned_from_recompute(n) or not (policy.allow(n) or policy.constant(n)))
              for n in nodes]
-    can_s = [not (policy.must_recompute(n) or isinstance(n.meta.get("val"), (tuple, list)))
+    can_s = [not ((policy.must_recompute(n) and not must_save(n))
+                  or isinstance(n.meta.get("val"), (tuple, list)))
              for n in nodes]
     edges = [(idx[v], idx[u]) for v in nodes for u in v.users if u in idx]
     needed = [idx[v] for v in nodes if v in joint.needed]

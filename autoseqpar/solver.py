@@ -128,12 +128,26 @@ RANDOM = {aten.native_dropout, aten.bernoulli, aten.rand, aten.rand_like, aten.r
           aten.log_normal, aten.cauchy}
 
 
+def must_save(n: fx.Node) -> bool:
+    """A value that cannot be rebuilt (a banned op's output): it is saved whatever the policy
+    asks (``full`` over a fused attention with dropout keeps that output)."""
+    if n.target is operator.getitem:
+        n = n.args[0]
+    return banned_from_recompute(n)
+
+
 def banned_from_recompute(n: fx.Node) -> bool:
     """Random ops whose numbers would differ on recompute (autoseqpar's own dropout mask is a
     pure function of its seed and is not banned) and ops with side effects."""
     p = packet(n)
     if p in RANDOM:
         return True
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None and any(a.name == "dropout_p" for a in schema.arguments):
+        # a fused attention kernel drawing its own dropout mask: no replay on recompute
+        from passes.propagate import named_args
+        if named_args(n).get("dropout_p", 0.0):
+            return True
     if getattr(n.target, "is_view", False) is False and isinstance(getattr(n.target, "_schema", None), torch.FunctionSchema):
         if n.target._schema.is_mutable:
             return True
@@ -221,7 +235,7 @@ def build_network(nodes: list, joint: Joint, policy: Policy, hw: Hardware, lam: 
         else:
             g.add_edge("source", vin, capacity=_cap(costs.time(v)))
         multi = isinstance(v.meta.get("val"), (tuple, list))
-        if (not ext and policy.must_recompute(v)) or multi:
+        if (not ext and policy.must_recompute(v) and not must_save(v)) or multi:
             g.add_edge(vin, vout)
         else:
             # λ = ∞ (memory first): bytes dominate any sum of recompute times, which still
@@ -499,7 +513,7 @@ class Evaluator:
         self.inside = set(nodes)
         self.allowed = {v: not banned_from_recompute(v) and (policy.allow(v) or policy.constant(v))
                         for v in nodes}
-        self.saveable = {v: not policy.must_recompute(v)
+        self.saveable = {v: (not policy.must_recompute(v) or must_save(v))
                          and not isinstance(v.meta.get("val"), (tuple, list)) for v in nodes}
         self.needed = [v for v in nodes if v in joint.needed]
 

@@ -29,3 +29,10 @@ def test_dropout_masks_replay_exactly_under_recompute():
         assert all(d == 0.0 for d in r["diffs"].values()), r["diffs"]
         # the full plan must rebuild masks in backward: replay is exercised, not avoided
         assert r["recomputed_masks"][str({"recompute": "full"})] > 0
+
+
+@pytest.mark.timeout(600)
+def test_fused_attention_dropout_is_never_recomputed():
+    res = run_ranks(workers.fused_attention_dropout, 2, timeout=500)
+    for diffs in res:
+        assert all(d == 0.0 for d in diffs.values()), diffs

@@ -214,3 +214,20 @@ def _hooked_saved_bytes(pm, ids) -> int:
         loss = pm(ids, ids)[1]
     loss.backward()
     return sum(seen.values())
+
+
+def fused_attention_dropout(rank: int, world: int) -> dict:
+    """HF GPT-2 with attention dropout (inside the fused SDPA kernel, drawn from the global
+    RNG): the kernel is never recomputed, so every option keeps "none"'s gradients."""
+    from models import hf_gpt2
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for opt in ({"recompute": "none"}, {"recompute": "full"}, {"memory_budget": 0.2}):
+        torch.manual_seed(0)
+        model = hf_gpt2(dropout=0.1)
+        pm = autoseqpar.transform(model, ((ids,), {"labels": ids}), seed=7, **opt)
+        torch.manual_seed(11)
+        pm(ids, labels=ids).loss.backward()
+        grads[str(opt)] = pm.gather_grads()
+    base = grads[str({"recompute": "none"})]
+    return {k: max((g[n] - base[n]).abs().max().item() for n in base) for k, g in grads.items()}
