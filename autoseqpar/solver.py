@@ -40,8 +40,8 @@ The trade-off (:func:`search`)
     Between two cuts either side of the constraint, :func:`_mix` takes the more aggressive
     cut layer by layer for as many layers as the constraint allows. On graphs of at most
     ``LOCAL_SEARCH_NODES`` relevant nodes the cut is made on the whole graph and then polished
-    under the exact constraint (:class:`Evaluator`, :func:`_fill` for budgets, :func:`_trim`
-    for the overhead allowance): one save added, or dropped, at a time. ``autoseqpar.ilp``
+    under the exact constraint (:class:`Evaluator`, :func:`_polish`): one save added (budget), or
+    dropped (overhead allowance), at a time. ``autoseqpar.ilp``
     is the exact reference the tests hold this to (within 5%).
 
 Bytes (:func:`autoseqpar.cost_model.saved_bytes`)
@@ -488,11 +488,10 @@ def search(joint: Joint, policy: Policy, hw: Hardware, layer_key: Callable) -> P
     if len(nodes) <= LOCAL_SEARCH_NODES and ok(best):
         # polish from every feasible cut of the sweep, by two greedy rules; keep the best
         ev = Evaluator(joint, nodes, policy, costs)
-        polish = _fill if budget_mode else _trim
         starts = sorted((p for p in feasible if p is not None and ok(p)), key=rank)[:6]
         for start in starts:
             for by_ratio in (True, False):
-                improved = polish(start, ev, ok, by_ratio)
+                improved = _polish(start, ev, ok, by_ratio, budget_mode)
                 if improved is not None and ok(improved) and rank(improved) < rank(best):
                     best = improved
     best.solves = solves
@@ -536,40 +535,28 @@ class Evaluator:
                     sum(c.flops(v) for v in rec_l), math.nan)
 
 
-def _fill(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool = True) -> Optional[Plan]:
-    """Budget mode: spend the unused budget -- save, one at a time, the recomputed value that
-    removes the most recompute time per byte while the budget holds."""
+def _polish(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool, budget_mode: bool
+            ) -> Optional[Plan]:
+    """Greedy, one value at a time, under the exact constraint ``ok``. Budget mode spends the
+    unused budget: save the recomputed value that removes the most recompute time (per byte).
+    Overhead mode spends the unused allowance: stop saving the value that frees the most bytes
+    (per second of recompute added)."""
     cur = ev(set(plan.saved))
     while cur is not None:
         best = None
-        for v in cur.recomputed:
-            if not ev.saveable[v]:
+        for v in (cur.recomputed if budget_mode else cur.saved):
+            if budget_mode and not ev.saveable[v]:
                 continue
-            p = ev(set(cur.saved) | {v})
-            if p is None or not ok(p) or p.recompute_time >= cur.recompute_time:
+            p = ev(set(cur.saved) | {v}) if budget_mode else ev(set(cur.saved) - {v})
+            if p is None or not ok(p):
                 continue
-            gain = cur.recompute_time - p.recompute_time
-            score = gain / max(p.saved_bytes - cur.saved_bytes, 1) if by_ratio else gain
-            if best is None or score > best[0]:
-                best = (score, p)
-        if best is None:
-            return cur
-        cur = best[1]
-    return None
-
-
-def _trim(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool = True) -> Optional[Plan]:
-    """Overhead mode: spend the unused recompute allowance -- stop saving, one at a time, the
-    value that frees the most bytes per second of recompute added, while the allowance holds."""
-    cur = ev(set(plan.saved))
-    while cur is not None:
-        best = None
-        for v in cur.saved:
-            p = ev(set(cur.saved) - {v})
-            if p is None or not ok(p) or p.saved_bytes >= cur.saved_bytes:
+            if budget_mode:
+                gain, cost = cur.recompute_time - p.recompute_time, p.saved_bytes - cur.saved_bytes
+            else:
+                gain, cost = cur.saved_bytes - p.saved_bytes, p.recompute_time - cur.recompute_time
+            if gain <= 0:
                 continue
-            gain = cur.saved_bytes - p.saved_bytes
-            score = gain / max(p.recompute_time - cur.recompute_time, 1e-15) if by_ratio else gain
+            score = gain / max(cost, 1e-15) if by_ratio else gain
             if best is None or score > best[0]:
                 best = (score, p)
         if best is None:
