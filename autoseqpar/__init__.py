@@ -3,14 +3,20 @@ compiler passes over torch.fx graphs.
 
     pmodel = autoseqpar.transform(model, example_inputs, tp=dist.get_world_size())
 """
-from .api import transform
-from .config import Options
-from .errors import (AutoSeqParError, CaptureError, ConfigError, DivisibilityError,
-                     InputMismatchError, MemoryBudgetError, NoParallelStructureError, PassError, ProcessGroupError,
+from passes._compat import MIN_TORCH, torch_version
+
+if torch_version() < MIN_TORCH:
+    raise ImportError(f"autoseqpar needs torch >= {'.'.join(map(str, MIN_TORCH))}")
+
+from .api import transform  # noqa: E402
+from .config import Options  # noqa: E402
+from .errors import (AutoSeqParError, CaptureError, ConfigError,  # noqa: E402
+                     DivisibilityError, InputMismatchError, MemoryBudgetError,
+                     NoParallelStructureError, PassError, ProcessGroupError,
                      UnsupportedModelError)
-from .runtime import ParallelModule
+from .runtime import ParallelModule  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["transform", "Options", "ParallelModule", "AutoSeqParError", "CaptureError",
-           "ConfigError", "DivisibilityError", "InputMismatchError", "MemoryBudgetError", "NoParallelStructureError",
-           "PassError", "ProcessGroupError", "UnsupportedModelError"]
+           "ConfigError", "DivisibilityError", "InputMismatchError", "MemoryBudgetError",
+           "NoParallelStructureError", "PassError", "ProcessGroupError", "UnsupportedModelError"]

@@ -130,4 +130,3 @@ FUNCTIONS = {
     "copy_to_tp": copy_to_group,
     "grad_sync": copy_to_group,
 }
-COMMUNICATING = (all_gather_seq, reduce_scatter_seq, gather_seq, all_reduce_partial)

@@ -442,10 +442,6 @@ def _is_activation_matmul(n: fx.Node) -> bool:
     return all(a.op != "placeholder" for a in n.args[:2] if isinstance(a, fx.Node))
 
 
-def describe_shape_failure(rej: Rejection) -> str:
-    return f"{rej.node}: {rej.reason} (at {rej.at})"
-
-
 __all__ = ["TPLinear", "TPBlock", "TPAnalysis", "Rejection", "SeqRegion", "find_tp_blocks",
            "find_seq_labels", "find_seq_region", "find_attention_cores", "AttentionCore", "is_linear", "is_layer_norm", "is_dropout",
            "is_attention", "is_param", "placeholder_kind", "param_fqn", "module_path", "META",

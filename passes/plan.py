@@ -33,8 +33,6 @@ from .propagate import NoRule, matmul_roles, propagate, tensor_operands
 # Ops that read only a value's dtype/device/layout: they take any layout as it is.
 METADATA_ONLY = (torch.ops.aten._assert_tensor_metadata.default,)
 
-KINDS = ("reduce_scatter", "all_reduce", "all_gather", "gather", "scatter", "copy_to_tp",
-         "grad_sync")
 
 
 @dataclass(frozen=True)

@@ -536,13 +536,5 @@ def _propagate_partial(node, specs) -> Propagation:
     raise NoRule(f"{node.target} needs the full sum of a partial value", "mix")
 
 
-def is_partial(x: Layout) -> bool:
-    return isinstance(x, Partial)
-
-
-def is_shard(x) -> bool:
-    return isinstance(x, Shard)
-
-
 __all__ = ["NoRule", "Propagation", "propagate", "reshape_spec", "matmul_roles", "shape_of",
-           "tensor_operands", "is_tensor_node", "is_partial", "is_shard", "REPLICATE", "PARTIAL"]
+           "tensor_operands", "is_tensor_node", "named_args", "REPLICATE", "PARTIAL"]
