@@ -38,7 +38,9 @@ The trade-off (:func:`search`)
       allowed recompute is fixed and whose aim is the least memory).
 
     Between two cuts either side of the constraint, :func:`_mix` takes the more aggressive
-    cut layer by layer for as many layers as the constraint allows. On graphs of at most
+    cut layer by layer for as many layers as the constraint allows, and :func:`_allocate`
+    lets each layer take any decision the sweep made for it (a greedy multiple-choice
+    knapsack over layers). On graphs of at most
     ``LOCAL_SEARCH_NODES`` relevant nodes the cut is made on the whole graph and then polished
     under the exact constraint (:class:`Evaluator`, :func:`_polish`): one save added (budget), or
     dropped (overhead allowance), at a time. ``autoseqpar.ilp``
@@ -447,10 +449,13 @@ def search(joint: Joint, policy: Policy, hw: Hardware, layer_key: Callable) -> P
         classes, rest = [], nodes
     solves = 0
 
+    history: list = []  # the units of every cut made, for the per-layer allocation
+
     def at(lam):
         nonlocal solves
         units, k = solve_units(classes, rest, joint, policy, lam, costs)
         solves += k
+        history.append(units)
         return units, combine(units, joint, costs, lam)
 
     if policy.memory_first:
@@ -483,6 +488,7 @@ def search(joint: Joint, policy: Policy, hw: Hardware, layer_key: Callable) -> P
         else:
             hi, above = mid, (units, p)
     feasible.append(_mix(below[0], above[0], ok, rank, joint, costs))
+    feasible.append(_allocate(history, ok, budget_mode, joint, costs, policy, totals))
     best = min((p for p in feasible if p is not None and ok(p)), key=rank,
                default=below[1])
     if len(nodes) <= LOCAL_SEARCH_NODES and ok(best):
@@ -563,6 +569,54 @@ def _polish(plan: Plan, ev: Evaluator, ok: Callable, by_ratio: bool, budget_mode
             return cur
         cur = best[1]
     return None
+
+
+def _allocate(history: list, ok: Callable, budget_mode: bool, joint: Joint, costs: CostCache,
+              policy: Policy, totals: Totals) -> Optional[Plan]:
+    """Per layer, any of the decisions the sweep's cuts made for it: start every layer at its
+    cheapest side (least recompute; least memory under a budget) and move one layer at a time to
+    the decision with the best trade (bytes freed per second added; seconds saved per byte
+    added) while the sums stay within the constraint. Layers add up (up to a value two layers
+    both save), so the sums are per-unit figures and the result is checked whole."""
+    if not history or any(len(h) != len(history[0]) for h in history):
+        return None
+
+    def stats(u):
+        rec = [n for n in u.recomputed if n not in set(u.saved)]
+        return (saved_bytes(u.saved), sum(costs.time(n) for n in rec),
+                sum(costs.flops(n) for n in rec))
+
+    cands = [[(stats(h[i]), h[i]) for h in history] for i in range(len(history[0]))]
+    key = (lambda c: (c[0][0], c[0][1])) if budget_mode else (lambda c: (c[0][1], c[0][0]))
+    chosen = [min(c, key=key) for c in cands]
+    mem, tim, flo = (sum(c[0][k] for c in chosen) for k in range(3))
+    t_max = policy.max_overhead * totals.step_time
+    f_max = policy.max_overhead * max(totals.step_flops, 1)
+    while True:
+        best = None
+        for i, options in enumerate(cands):
+            (m0, t0, f0), _ = chosen[i]
+            for (m, t, f), unit in options:
+                dm, dt, df = m - m0, t - t0, f - f0
+                if budget_mode:  # spend bytes to save time
+                    if dt >= 0 or mem + dm > policy.budget:
+                        continue
+                    score = -dt / max(dm, 1)
+                else:  # spend time to save bytes
+                    if dm >= 0 or tim + dt > t_max or flo + df > f_max:
+                        continue
+                    score = -dm / max(dt, 1e-15)
+                if best is None or score > best[0]:
+                    best = (score, i, ((m, t, f), unit))
+        if best is None:
+            break
+        _, i, pick = best
+        (m0, t0, f0), _ = chosen[i]
+        (m, t, f), _ = pick
+        mem, tim, flo = mem + m - m0, tim + t - t0, flo + f - f0
+        chosen[i] = pick
+    plan = combine([u for _, u in chosen], joint, costs, math.nan)
+    return plan if ok(plan) else None
 
 
 def _mix(below: list, above: list, ok: Callable, rank: Callable, joint: Joint,
