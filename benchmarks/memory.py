@@ -271,8 +271,12 @@ def dtensor_rows(a, rank) -> list:
     per = {}
     for layers in (1, 3):
         model, ids, loss = build("llama", layers, a)
+        # The embedding stays replicated (HF builds the causal mask from its output's length,
+        # which must be the full sequence); the first norm shards the sequence; row-parallel
+        # outputs stay DTensors so the residual adds can mix layouts.
         plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
-                                                      output_layouts=Shard(1)),
+                                                      output_layouts=Replicate(),
+                                                      use_local_output=False),
                 "model.norm": SequenceParallel(),
                 "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
         for i in range(layers):
@@ -285,13 +289,15 @@ def dtensor_rows(a, rank) -> list:
                 f"{p}.self_attn.q_proj": ColwiseParallel(),
                 f"{p}.self_attn.k_proj": ColwiseParallel(),
                 f"{p}.self_attn.v_proj": ColwiseParallel(),
-                f"{p}.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                f"{p}.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1),
+                                                         use_local_output=False),
                 f"{p}.post_attention_layernorm": SequenceParallel(),
                 f"{p}.mlp": PrepareModuleInput(input_layouts=(Shard(1),),
                                                desired_input_layouts=(Replicate(),)),
                 f"{p}.mlp.gate_proj": ColwiseParallel(),
                 f"{p}.mlp.up_proj": ColwiseParallel(),
-                f"{p}.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))})
+                f"{p}.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1),
+                                                      use_local_output=False)})
         try:
             parallelize_module(model, mesh, plan)
             per[layers] = measure(lambda: loss(model, ids), list(model.parameters()), ids,
