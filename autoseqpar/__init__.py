@@ -9,6 +9,7 @@ if torch_version() < MIN_TORCH:
     raise ImportError(f"autoseqpar needs torch >= {'.'.join(map(str, MIN_TORCH))}")
 
 from .api import transform  # noqa: E402
+from .backend import backend  # noqa: E402
 from .config import Options  # noqa: E402
 from .errors import (AutoSeqParError, CaptureError, ConfigError,  # noqa: E402
                      DivisibilityError, InputMismatchError, MemoryBudgetError,
@@ -17,6 +18,6 @@ from .errors import (AutoSeqParError, CaptureError, ConfigError,  # noqa: E402
 from .runtime import ParallelModule  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["transform", "Options", "ParallelModule", "AutoSeqParError", "CaptureError",
+__all__ = ["transform", "backend", "Options", "ParallelModule", "AutoSeqParError", "CaptureError",
            "ConfigError", "DivisibilityError", "InputMismatchError", "MemoryBudgetError",
            "NoParallelStructureError", "PassError", "ProcessGroupError", "UnsupportedModelError"]

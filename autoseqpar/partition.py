@@ -156,8 +156,9 @@ def _tag(joint, plan: Plan) -> None:
             "save" if n in saved else "recompute" if n in rec else "forward")
 
 
-def graph_facts(gm: fx.GraphModule) -> GraphFacts:
-    """Layer paths and attention cores of the rewritten forward graph."""
+def graph_facts(gm: fx.GraphModule, constant_primals: Optional[frozenset] = None) -> GraphFacts:
+    """Layer paths and attention cores of the forward graph (the rewritten one, or the graph
+    dynamo hands a backend: then ``constant_primals`` says which inputs are parameters)."""
     from passes.match import find_attention_cores, module_path
     from .solver import layer_of
 
@@ -171,8 +172,9 @@ def graph_facts(gm: fx.GraphModule) -> GraphFacts:
     plan = gm.meta.get("autoseqpar_plan")
     cores = find_attention_cores(gm, plan.tp) if plan is not None else ()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constant = frozenset(i + 1 for i, n in enumerate(placeholders)
-                         if n.meta.get(META, {}).get("kind") in ("param", "buffer", "constant"))
+    constant = constant_primals if constant_primals is not None else frozenset(
+        i + 1 for i, n in enumerate(placeholders)
+        if n.meta.get(META, {}).get("kind") in ("param", "buffer", "constant"))
     from passes.collectives import FUNCTIONS
     collectives = frozenset(n.name for n in gm.graph.nodes
                             if n.op == "call_function" and n.target in FUNCTIONS.values())

@@ -17,6 +17,7 @@ Placeholders must carry ``meta["autoseqpar"]["kind"]`` in ``{"param", "buffer", 
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,7 +95,8 @@ def module_path(n: fx.Node) -> str:
     stack = n.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
-        return path.replace("L['self'].", "").replace("L__self___", "")
+        path = path.replace("L['self'].", "").replace("L__self___", "")
+        return re.sub(r"\[(\d+)\]", r".\1", path)  # dynamo's "h[0]" is the module path "h.0"
     return ""
 
 
