@@ -7,12 +7,9 @@ two binary variables per node ``v``: ``r_v`` (recomputed in backward) and ``s_v`
     subject to  Σ bytes(v) · s_v <= budget
                 s_v + r_v >= r_u      for every forward edge v -> u inside the set
                 s_v + r_v >= 1        for every v that a backward node reads (joint.needed)
-                r_v = 0               where v may not be recomputed -- the rules of
-                                      solver.build_network: banned_from_recompute(v), or
-                                      neither policy.allow(v) nor policy.constant(v)
-                s_v = 0               where policy.must_recompute(v) (unless solver.must_save(v):
-                                      a value nothing can rebuild) or v is multi-output
-                                      (its meta val is a tuple/list)
+                r_v = 0               where not solver.recomputable(v, policy)
+                s_v = 0               where not solver.saveable(v, policy)
+                                      (the rules solver.build_network uses)
 
 Inputs of the set outside it (placeholders: primals, tangents) are available for free. Costs
 are the solver's (:class:`autoseqpar.solver.CostCache`), so the optimum is the yardstick for
@@ -34,8 +31,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .cost_model import Hardware
-from .solver import (CostCache, InfeasibleBudget, Joint, Plan, Policy, banned_from_recompute,
-                     must_save, relevant)
+from .solver import (CostCache, InfeasibleBudget, Joint, Plan, Policy, recomputable, relevant,
+                     saveable)
 
 
 def _scipy():
@@ -61,11 +58,8 @@ def solve_exact(joint: Joint, policy: Policy, hw: Hardware, budget_bytes: Option
     idx = {n: i for i, n in enumerate(nodes)}  # r_v is variable i, s_v is variable k + i
     time = np.array([costs.time(n) for n in nodes], dtype=float)
     nbytes = np.array([costs.nbytes(n) for n in nodes], dtype=float)
-    can_r = [not (banned_from_recompute(n) or not (policy.allow(n) or policy.constant(n)))
-             for n in nodes]
-    can_s = [not ((policy.must_recompute(n) and not must_save(n))
-                  or isinstance(n.meta.get("val"), (tuple, list)))
-             for n in nodes]
+    can_r = [recomputable(n, policy) for n in nodes]
+    can_s = [saveable(n, policy) for n in nodes]
     edges = [(idx[v], idx[u]) for v in nodes for u in v.users if u in idx]
     needed = [idx[v] for v in nodes if v in joint.needed]
     rows = lil_matrix((len(edges) + len(needed), 2 * k))

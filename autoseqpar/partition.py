@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from passes._compat import extract_fwd_bwd_modules, source_node_name

@@ -16,8 +16,8 @@ import math
 from typing import Callable, Optional
 
 from .cost_model import saved_bytes
-from .solver import (CostCache, Joint, Plan, Policy, Totals, banned_from_recompute, combine,
-                     must_save)
+from .solver import (CostCache, Joint, Plan, Policy, Totals, combine, recomputable,
+                     saveable)
 
 LOCAL_SEARCH_NODES = 400  # graphs of up to ~3 layers: cut whole, then the greedy polish
 
@@ -29,10 +29,8 @@ class Evaluator:
     def __init__(self, joint: Joint, nodes: list, policy: Policy, costs: CostCache):
         self.joint, self.costs = joint, costs
         self.inside = set(nodes)
-        self.allowed = {v: not banned_from_recompute(v) and (policy.allow(v) or policy.constant(v))
-                        for v in nodes}
-        self.saveable = {v: (not policy.must_recompute(v) or must_save(v))
-                         and not isinstance(v.meta.get("val"), (tuple, list)) for v in nodes}
+        self.allowed = {v: recomputable(v, policy) for v in nodes}
+        self.saveable = {v: saveable(v, policy) for v in nodes}
         self.needed = [v for v in nodes if v in joint.needed]
 
     def __call__(self, saved: set) -> Optional[Plan]:

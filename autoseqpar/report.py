@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from passes.collectives import FUNCTIONS
 from passes.layout import Partial, Shard
-from passes.match import META, is_dropout, is_layer_norm, module_path, placeholder_kind
+from passes.match import META, placeholder_kind
 from passes.propagate import matmul_roles
 
 _KIND_OF_FN = {fn: kind for kind, fn in FUNCTIONS.items()}

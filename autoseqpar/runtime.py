@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.fx as fx

@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import networkx as nx
@@ -128,6 +128,20 @@ RANDOM = {aten.native_dropout, aten.bernoulli, aten.rand, aten.rand_like, aten.r
           aten.randn_like, aten.randint, aten.randint_like, aten.normal, aten.uniform,
           aten.randperm, aten.multinomial, aten.exponential, aten.geometric,
           aten.log_normal, aten.cauchy}
+
+
+def recomputable(n: fx.Node, policy: Policy) -> bool:
+    """May backward run ``n`` again? Not a banned op, and the policy allows it (or it is built
+    from parameters and constants alone)."""
+    return not banned_from_recompute(n) and (policy.allow(n) or policy.constant(n))
+
+
+def saveable(n: fx.Node, policy: Policy) -> bool:
+    """May ``n`` be kept for backward? Not a multi-output node (its outputs are saved
+    instead), and not one the policy rebuilds -- unless nothing can rebuild it."""
+    if isinstance(n.meta.get("val"), (tuple, list)):
+        return False
+    return not policy.must_recompute(n) or must_save(n)
 
 
 def must_save(n: fx.Node) -> bool:
@@ -213,16 +227,13 @@ class Network:
     graph: nx.DiGraph
     nodes: list  # the forward nodes solved here, graph order
     external: list  # inputs from outside this group: may be saved, not recomputed
-    cost: dict  # node -> recompute seconds
-    flops: dict  # node -> recompute FLOPs
-    nbytes: dict  # node -> bytes if saved
 
 
 def _cap(x: float) -> int:
     return int(round(x * INF_SCALE))
 
 
-def build_network(nodes: list, joint: Joint, policy: Policy, hw: Hardware, lam: float,
+def build_network(nodes: list, joint: Joint, policy: Policy, lam: float,
                   costs: "CostCache") -> Network:
     """The flow network over ``nodes`` (one group of forward nodes); see the module docstring."""
     inside = set(nodes)
@@ -232,12 +243,13 @@ def build_network(nodes: list, joint: Joint, policy: Policy, hw: Hardware, lam: 
     for v in [*external, *nodes]:
         vin, vout = ("in", v.name), ("out", v.name)
         ext = v not in inside
-        if ext or banned_from_recompute(v) or not (policy.allow(v) or policy.constant(v)):
+        if ext or not recomputable(v, policy):
             g.add_edge("source", vin)  # no capacity attribute: infinite
         else:
             g.add_edge("source", vin, capacity=_cap(costs.time(v)))
+        # an external input may be kept whatever the policy: its own group decides the rest
         multi = isinstance(v.meta.get("val"), (tuple, list))
-        if (not ext and policy.must_recompute(v) and not must_save(v)) or multi:
+        if multi or not (ext or saveable(v, policy)):
             g.add_edge(vin, vout)
         else:
             # λ = ∞ (memory first): bytes dominate any sum of recompute times, which still
@@ -249,7 +261,7 @@ def build_network(nodes: list, joint: Joint, policy: Policy, hw: Hardware, lam: 
         for u in v.users:
             if u in inside:
                 g.add_edge(vout, ("in", u.name))
-    return Network(g, nodes, external, {}, {}, {})
+    return Network(g, nodes, external)
 
 
 class CostCache:
@@ -289,7 +301,7 @@ class Cut:
 
 def solve_at(nodes: list, joint: Joint, policy: Policy, lam: float, costs: CostCache) -> Cut:
     """The minimum cut at ``λ`` for one group of forward nodes."""
-    net = build_network(nodes, joint, policy, costs.hw, lam, costs)
+    net = build_network(nodes, joint, policy, lam, costs)
     if "sink" not in net.graph:
         return Cut([], [], 0, 0.0, 0, lam)
     _, (src_side, _) = nx.minimum_cut(net.graph, "source", "sink")

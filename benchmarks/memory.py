@@ -10,8 +10,8 @@ Every figure is measured in this run on this machine:
   out. bf16 activations.
 * recompute FLOPs: ``torch.utils.flop_counter`` over forward+backward, against the same
   method's no-recompute run (eager for PyTorch's methods, ``recompute="none"`` for autoseqpar).
-* comm per layer: bytes one rank sends per step, from the partitioned graphs (autoseqpar) or
-  ``CommDebugMode``'s collective counts (DTensor).
+* comm per layer: bytes one rank sends per step, from the partitioned graphs (autoseqpar; not
+  measured for DTensor).
 * grads: the largest gradient difference against that no-recompute reference, same seed,
   dropout on where the model has it (0.1): ``wrong`` where it exceeds bf16 round-off.
 
@@ -223,7 +223,7 @@ def single_process_rows(name, a) -> list:
 
 # --------------------------------------------------------------------------- autoseqpar
 
-def autoseqpar_rows(name, a, rank) -> list:
+def autoseqpar_rows(name, a) -> list:
     rows = []
     specs = [("none", {"recompute": "none"}), ("paper", {"recompute": "paper"}),
              ("default (auto)", {})] + [
@@ -260,7 +260,7 @@ def autoseqpar_rows(name, a, rank) -> list:
     return rows
 
 
-def dtensor_rows(a, rank) -> list:
+def dtensor_rows(a) -> list:
     """torchtitan's Llama plan written by hand for HF Llama: TP + SP over 2 ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
@@ -314,7 +314,7 @@ def dtensor_rows(a, rank) -> list:
 
 # ------------------------------------------------------------------------- solve times
 
-def solve_time_rows(a) -> list:
+def solve_time_rows() -> list:
     from functorch.compile import min_cut_rematerialization_partition
     rows = []
     for layers in (12, 48):
@@ -350,10 +350,10 @@ def main() -> None:
         if rank == 0:
             rows += single_process_rows(name, a)
         dist.barrier()
-        rows += autoseqpar_rows(name, a, rank)
+        rows += autoseqpar_rows(name, a)
         if name == "llama":
-            rows += dtensor_rows(a, rank)
-    solve = solve_time_rows(a)
+            rows += dtensor_rows(a)
+    solve = solve_time_rows()
     if rank == 0:
         s, b, h, n = a.seq, a.batch, a.hidden, a.heads
         print(f"s={s} b={b} h={h} a={n}, bf16, CPU; per layer per rank; "

@@ -84,6 +84,5 @@ def shard_tensor(full: torch.Tensor, spec: Layout, rank: int, t: int) -> torch.T
 def unshard_tensor(parts: list[torch.Tensor], spec: Shard) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the full tensor from every rank's part, in rank order."""
     dim = spec.dim % parts[0].dim()
-    t = len(parts)
     views = [p.unflatten(dim, (spec.blocks, -1)) for p in parts]
     return torch.stack(views, dim=dim + 1).flatten(dim, dim + 2)

@@ -374,9 +374,9 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
     embedding output enters the region by a free slice, and the first LayerNorm runs on
     shards, as in Megatron)."""
     tp_nodes = tp.layouts
-    col_inputs = {matmul_roles(n)[0] for n in gm.graph.nodes
-                  if n.name in {l.node for b in tp.blocks for l in b.columns}}
-    cols = {n for n in gm.graph.nodes if n.name in {l.node for b in tp.blocks for l in b.columns}}
+    col_names = {l.node for b in tp.blocks for l in b.columns}
+    cols = {n for n in gm.graph.nodes if n.name in col_names}
+    col_inputs = {matmul_roles(n)[0] for n in cols}
     ok = {n for n in gm.graph.nodes if n.name not in tp_nodes and not _big_param_operand(n)
           and is_per_token(n, labels, t)}
     seq: dict = {}

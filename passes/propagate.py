@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from .layout import PARTIAL, REPLICATE, Layout, Partial, Shard
+from .layout import PARTIAL, REPLICATE, Partial, Shard
 
 aten = torch.ops.aten
 

@@ -180,22 +180,18 @@ def activation_bytes(rank: int, world: int, sizes: tuple, modes: list, step: boo
         for _, _, _, nbytes, layer, _ in part.saved:
             per_layer[layer] = per_layer.get(layer, 0) + nbytes
         hooked = _hooked_saved_bytes(pm, ids) if step else None
+        totals = _step_totals(pm, part)
         out[(sp, rec)] = {"per_layer": per_layer, "graph_total": part.saved_bytes,
                           "hooked_total": hooked,
-                          "flops_frac": part.plan.recompute_flops / max(1, _step_flops(part)),
-                          "time_frac": part.plan.recompute_time / _step_time(pm, part)}
+                          "flops_frac": part.plan.recompute_flops / max(1, totals.step_flops),
+                          "time_frac": part.plan.recompute_time / totals.step_time}
     return out
 
 
-def _step_flops(part) -> int:
+def _step_totals(pm, part):
+    """The whole step's FLOPs (exact) and estimated time on the module's hardware profile."""
     from autoseqpar.solver import CostCache, classify, step_totals
-    from autoseqpar.cost_model import HARDWARE
-    return step_totals(classify(part.joint, part.num_fwd_outputs), CostCache(HARDWARE["cpu"])).step_flops
-
-
-def _step_time(pm, part) -> float:
-    from autoseqpar.solver import CostCache, classify, step_totals
-    return step_totals(classify(part.joint, part.num_fwd_outputs), CostCache(pm.hardware)).step_time
+    return step_totals(classify(part.joint, part.num_fwd_outputs), CostCache(pm.hardware))
 
 
 def _hooked_saved_bytes(pm, ids) -> int:
