@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
 
 from passes.layout import Shard, shard_tensor, unshard_tensor
 from passes.match import META
@@ -199,6 +200,8 @@ class ParallelModule(nn.Module):
 
     # ------------------------------------------------------------------ collectives
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        if isinstance(local, DTensor):  # sharded again over data parallel (FSDP2 fully_shard)
+            local = local.full_tensor()
         spec = self._shards.get(name)
         if spec is None:
             return local.detach().clone()
