@@ -9,6 +9,7 @@ if torch_version() < MIN_TORCH:
     raise ImportError(f"autoseqpar needs torch >= {'.'.join(map(str, MIN_TORCH))}")
 
 from .api import transform  # noqa: E402
+from .explain import explain  # noqa: E402
 from .backend import backend  # noqa: E402
 from .config import Options  # noqa: E402
 from .errors import (AutoSeqParError, CaptureError, ConfigError,  # noqa: E402

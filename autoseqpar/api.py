@@ -69,6 +69,21 @@ def _fqn(gm, node_name: str) -> str:
     return node_name
 
 
+def build(model: torch.nn.Module, example_inputs, tp: int, group, opts: Options, *,
+          fake: bool = False) -> ParallelModule:
+    """Capture, check, rewrite and partition: what ``transform`` and ``explain`` share.
+    ``fake=True`` builds the shards and traces the joint graph on FakeTensors (no memory,
+    not runnable: ``explain``)."""
+    captured = capture(model, example_inputs)
+    if opts.sequence_parallel:
+        _check_sequence(captured, tp, opts.seq_dim)
+    popts = PassOptions(tp=tp, group_name=group.group_name,
+                        sequence_parallel=opts.sequence_parallel, seq_dim=opts.seq_dim)
+    gm, log = run_passes(captured.gm, popts, check_after="tag_layouts_pass", check=_check_plan)
+    return ParallelModule(model, captured, gm, gm.meta["autoseqpar_plan"], opts, group, log,
+                          fake=fake)
+
+
 def transform(model: torch.nn.Module, example_inputs, *, tp: int | None = None, group=None,
               sequence_parallel: bool = True, **options) -> ParallelModule:
     """Make ``model`` tensor-parallel (and sequence-parallel) over ``group``.
@@ -80,10 +95,4 @@ def transform(model: torch.nn.Module, example_inputs, *, tp: int | None = None, 
     """
     opts = Options.make(sequence_parallel=sequence_parallel, **options)
     tp, group = _resolve_group(tp, group)
-    captured = capture(model, example_inputs)
-    if opts.sequence_parallel:
-        _check_sequence(captured, tp, opts.seq_dim)
-    popts = PassOptions(tp=tp, group_name=group.group_name,
-                        sequence_parallel=opts.sequence_parallel, seq_dim=opts.seq_dim)
-    gm, log = run_passes(captured.gm, popts, check_after="tag_layouts_pass", check=_check_plan)
-    return ParallelModule(model, captured, gm, gm.meta["autoseqpar_plan"], opts, group, log)
+    return build(model, example_inputs, tp, group, opts)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import (flop_registry, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
 
 aten = torch.ops.aten
 
@@ -99,9 +100,24 @@ def collective_name(node: fx.Node):
     return None
 
 
+# The CPU's fused attention kernels, which flop_counter has no entry for: the same count as the
+# CUDA flash kernels, from the same public formulas.
+EXTRA_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, out_val=None, **__: sdpa_flop_count(q.shape, k.shape, v.shape),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *_, out_val=None, **__: sdpa_backward_flop_count(
+            g.shape, q.shape, k.shape, v.shape),
+}
+
+
+def flop_formula(p):
+    return flop_registry.get(p) or EXTRA_FLOP_FORMULAS.get(p)
+
+
 def is_flop_op(node: fx.Node) -> bool:
-    """Matmuls, convolutions, attention kernels: the ops ``flop_counter`` has a formula for."""
-    return node.op == "call_function" and packet(node) in flop_registry
+    """Matmuls, convolutions, attention kernels: the ops with a FLOP formula."""
+    return node.op == "call_function" and flop_formula(packet(node)) is not None
 
 
 def is_view(node: fx.Node) -> bool:
@@ -187,7 +203,7 @@ def node_cost(node: fx.Node) -> NodeCost:
     if collective_name(node) is not None:
         return NodeCost(0, in_bytes + out_bytes, collective_bytes(node), True)
     p = packet(node)
-    f = flop_registry.get(p)
+    f = flop_formula(p)
     if f is not None:
         args, kwargs = _args_vals(node)
         try:

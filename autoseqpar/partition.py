@@ -81,6 +81,9 @@ class PartitionRecord:
     joint: fx.GraphModule
     seconds: float
     num_fwd_outputs: int
+    facts: GraphFacts = None  # what the policy was built from (for re-solving: Pareto curves)
+    hw: Hardware = None
+    spec: Policy = None  # the policy as solved (budget resolved, constants bound)
 
     @property
     def saved_bytes(self) -> int:
@@ -110,10 +113,20 @@ def make_partition_fn(policy: Policy, hw: Hardware, facts: GraphFacts, records: 
             [(n.name, tuple(n.meta["val"].shape), n.meta["val"].dtype, nbytes,
               layer_key(n), source_node_name(n)) for n, nbytes in storage_bytes(plan.saved)],
             sum(1 for n in saved if n.op == "placeholder"), fw, bw, joint_module, seconds,
-            num_fwd_outputs))
+            num_fwd_outputs, facts, hw, chosen))
         return fw, bw
 
     return partition
+
+
+def resolve(record: PartitionRecord, recompute: str = "none", budget=None) -> Plan:
+    """Solve ``record``'s joint graph again under another policy (no re-trace, no re-split):
+    what the Pareto curve and the report's alternatives are made of."""
+    joint = classify(record.joint, record.num_fwd_outputs)
+    policy = replace(make_policy(recompute, budget, record.facts, record.spec.max_overhead),
+                     constant=record.spec.constant)
+    layer_key = lambda n: record.facts.layer_of.get(source_node_name(n))  # noqa: E731
+    return search(joint, policy, record.hw, layer_key)
 
 
 def storage_bytes(saved: list) -> list:

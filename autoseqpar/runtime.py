@@ -1,7 +1,9 @@
 """ParallelModule: the local shards, the rewritten graph, and the collectives users call."""
 from __future__ import annotations
 
+import contextlib
 import math
+
 import torch
 import torch.distributed as dist
 import torch.fx as fx
@@ -9,6 +11,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 
+from passes._compat import FakeTensorMode
 from passes.layout import Shard, shard_tensor, unshard_tensor
 from passes.match import META
 from passes.rng import mix_seed
@@ -39,13 +42,17 @@ class ParallelModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, captured: Captured, gm: fx.GraphModule, plan,
-                 options, group, pass_log):
+                 options, group, pass_log, fake: bool = False):
         super().__init__()
         self.group = group
-        self.tp = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.tp = group.size()
+        self.rank = group.rank()
+        # explain: parameters, buffers and the traced example are FakeTensors (shapes only,
+        # no memory; the module is never run)
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
         self.options = options
         self.pass_log = pass_log
+        self.model_name = type(model).__name__
         self._captured = captured
         self._plan = plan
         self._gm = gm
@@ -75,7 +82,9 @@ class ParallelModule(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         self.hardware = hardware(opts.hardware or ("h100" if device.type == "cuda" else "cpu"))
         fn = make_partition_fn(policy, self.hardware, facts, self.partitions)
-        args = self._graph_args(self._captured.example_leaves, torch.zeros(2, dtype=torch.int64))
+        leaves = [self._on_device(x) if isinstance(x, torch.Tensor) else x
+                  for x in self._captured.example_leaves]
+        args = self._graph_args(leaves, self._on_device(torch.zeros(2, dtype=torch.int64)))
         try:
             return aot_module(self._gm, args, fn)
         except Exception as e:
@@ -104,8 +113,9 @@ class ParallelModule(nn.Module):
             if meta["kind"] == "param":
                 full = full_params[fqn]
                 spec = meta.get("shard")
-                with torch.no_grad():
-                    local = shard_tensor(full.detach(), spec, self.rank, self.tp).clone()
+                with torch.no_grad(), self._fake_mode or contextlib.nullcontext():
+                    local = shard_tensor(self._on_device(full.detach()), spec, self.rank,
+                                         self.tp).clone()
                 if isinstance(spec, Shard):
                     self._shards[fqn] = spec
                     self._shards[src_name] = spec
@@ -116,13 +126,16 @@ class ParallelModule(nn.Module):
                 mod.register_parameter(leaf, param)
             else:
                 mod, leaf = _mirror(self.module, fqn)
-                mod.register_buffer(leaf, full_buffers[fqn].detach().clone())
+                mod.register_buffer(leaf, self._on_device(full_buffers[fqn].detach()).clone())
         # tied names the graph did not use still point at the same local parameter
         for fqn, src in self._captured.tied.items():
             if src in made and fqn not in made:
                 mod, leaf = _mirror(self.module, fqn)
                 if leaf not in mod._parameters:
                     mod.register_parameter(leaf, made[src])
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._fake_mode is None else self._fake_mode.from_tensor(t)
 
     # ------------------------------------------------------------------------- call
     def _flatten_call(self, args, kwargs) -> list:
@@ -170,7 +183,7 @@ class ParallelModule(nn.Module):
             elif kind == "buffer":
                 out.append(buffers[meta["fqn"]])
             elif kind == "constant":
-                out.append(self._captured.constants[n.name])
+                out.append(self._on_device(self._captured.constants[n.name]))
             elif kind == "seeds":
                 out.append(seeds)
             else:
@@ -178,6 +191,9 @@ class ParallelModule(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
+        if self._fake_mode is not None:
+            raise InputMismatchError("this module was built by autoseqpar.explain on fake "
+                                     "tensors (shapes only); call autoseqpar.transform to run")
         leaves = self._flatten_call(args, kwargs)
         out = self._compiled(*self._graph_args(leaves, self.dropout_seeds()))
         return pytree.tree_unflatten(list(out), self._captured.out_spec)
@@ -256,8 +272,9 @@ class ParallelModule(nn.Module):
     @property
     def graph(self) -> fx.GraphModule:
         """The rewritten forward graph; ``print(pmodel.graph)`` shows each decision as a comment."""
-        from .report import AnnotatedGraphModule
-        return AnnotatedGraphModule.wrap(self._gm, self.tp)
+        from .report import AnnotatedGraphModule, recompute_notes
+        notes = recompute_notes(self.partitions[-1]) if self.partitions else {}
+        return AnnotatedGraphModule.wrap(self._gm, self.tp, notes)
 
     @property
     def plan(self) -> dict:
@@ -265,6 +282,8 @@ class ParallelModule(nn.Module):
         from .report import plan_dict
         return plan_dict(self._gm, self._plan)
 
-    def report(self) -> str:
-        from .report import parallel_report
-        return parallel_report(self)
+    def report(self):
+        """A :class:`autoseqpar.report.Report`: ``print(pmodel.report())`` for the tables,
+        ``.saved_activations()``, ``.to_dict()``, ``.plot(path)``."""
+        from .report import Report
+        return Report.of(self)

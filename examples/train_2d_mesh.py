@@ -121,7 +121,7 @@ def main() -> None:
               f"{grad_diff:.2e}")
         print(f"largest loss difference over {args.steps} steps: {loss_diff:.2e}")
         print(f"largest weight difference after training: {weight_diff:.2e}")
-        print("\n" + pmodel.report())
+        print(f"\n{pmodel.report()}")
     dist.destroy_process_group()
     if grad_diff > GRAD_RTOL or loss_diff > LOSS_ATOL or weight_diff > WEIGHT_ATOL:
         raise SystemExit(f"rank {rank}: 2-D mesh training differs from the single process "

@@ -94,7 +94,7 @@ def main() -> None:
         start = next(i for i, l in enumerate(lines) if "layer_norm" in l and "=" in l)
         print("\nrewritten graph, first layer (excerpt):")
         print("\n".join(lines[start:start + 24]))
-        print("\n" + pmodel.report())
+        print(f"\n{pmodel.report()}")
     dist.destroy_process_group()
     if worst > 1e-3:
         raise SystemExit(f"loss curves diverged by {worst}")

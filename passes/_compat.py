@@ -18,8 +18,39 @@ def group_size_by_name(group_name: str) -> int:
 
 
 def rank_by_name(group_name: str) -> int:
-    group = dist.distributed_c10d._resolve_process_group(group_name)
-    return dist.get_rank(group)
+    """This process's rank in the group (works for a standalone fake group too)."""
+    return dist.distributed_c10d._resolve_process_group(group_name).rank()
+
+
+class FakeGroup:
+    """A fake process group of ``size`` ranks, registered by name only: functional collectives
+    resolve it, nothing communicates, and no default group is created or touched -- so it
+    works with or without ``init_process_group``. Use as a context manager."""
+
+    _count = 0
+
+    def __init__(self, size: int, rank: int = 0):
+        from torch._C._distributed_c10d import FakeProcessGroup, ProcessGroup
+
+        FakeGroup._count += 1
+        self.group_name = f"autoseqpar_fake_{size}_{FakeGroup._count}"
+        pg = ProcessGroup(fake_process_group_store(), rank, size)
+        backend = FakeProcessGroup._create_internal(rank, size)
+        pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.CUSTOM, backend)
+        pg._register_backend(torch.device("cuda"), ProcessGroup.BackendType.CUSTOM, backend)
+        pg._set_default_backend(ProcessGroup.BackendType.CUSTOM)
+        pg._set_group_name(self.group_name)
+        self.group = pg
+
+    def __enter__(self):
+        from torch._C._distributed_c10d import _register_process_group
+        _register_process_group(self.group_name, self.group)
+        return self.group
+
+    def __exit__(self, *exc):
+        from torch._C._distributed_c10d import _unregister_process_group
+        _unregister_process_group(self.group_name)
+        return False
 
 
 def fake_process_group_store():
