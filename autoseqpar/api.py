@@ -7,7 +7,7 @@ import torch.distributed as dist
 from passes.match import META
 from passes.options import PassOptions
 
-from .capture import capture
+from .capture import capture, retarget_device
 from .config import Options
 from .errors import DivisibilityError, NoParallelStructureError, ProcessGroupError
 from .pipeline import run_passes
@@ -75,6 +75,8 @@ def build(model: torch.nn.Module, example_inputs, tp: int, group, opts: Options,
     ``fake=True`` builds the shards and traces the joint graph on FakeTensors (no memory,
     not runnable: ``explain``)."""
     captured = capture(model, example_inputs)
+    if fake and any(p.device.type == "meta" for p in model.parameters()):
+        retarget_device(captured.gm, "meta", "cpu")
     if opts.sequence_parallel:
         _check_sequence(captured, tp, opts.seq_dim)
     popts = PassOptions(tp=tp, group_name=group.group_name,

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from passes._compat import FakeTensor
 from passes.match import META
 
 from .errors import CaptureError, UnsupportedModelError
@@ -128,3 +129,28 @@ def _inline_constant_inputs(gm: fx.GraphModule) -> None:
             user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def retarget_device(gm: fx.GraphModule, src: str, dst: str) -> int:
+    """Replace the device ``src`` by ``dst`` in every node's arguments (a model built on the
+    meta device is captured with ``device="meta"`` in its factory calls; ``explain`` runs it as
+    fake CPU tensors so that every kernel choice -- fused attention above all -- is the one a
+    real run makes, not the meta device's math fallback). Returns the number of nodes changed."""
+    src_d, dst_d = torch.device(src), torch.device(dst)
+
+    def swap(a):
+        return dst_d if isinstance(a, torch.device) and a == src_d else a
+
+    changed = 0
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(v, FakeTensor) and v.device == src_d:
+            with v.fake_mode:
+                n.meta["val"] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
+                                                    device=dst_d)
+        args, kwargs = pytree.tree_map(swap, (n.args, n.kwargs))
+        if (args, kwargs) != (n.args, n.kwargs):
+            n.args, n.kwargs = args, kwargs
+            changed += 1
+    gm.recompile()
+    return changed

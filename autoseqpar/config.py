@@ -23,6 +23,9 @@ class Options:
     memory_budget: saved activation bytes per rank (int), or a fraction in (0, 1] of the
         no-recompute plan's; the least recompute within it. Overrides ``recompute``.
     max_overhead: the recompute allowance of ``"auto"``, a fraction of the step.
+    compiler: how the partitioned forward and backward graphs run: ``"eager"`` (the fx graphs
+        as they are), ``"inductor"`` (generated kernels; on CPU it needs a C++ compiler), or a
+        callable ``(gm, example_inputs) -> callable``.
     hardware: the cost model's profile: ``"a100"``, ``"h100"``, ``"h200"``, ``"cpu"``, a
         :class:`autoseqpar.cost_model.Hardware`, or None (``"h100"`` on CUDA, else ``"cpu"``).
     """
@@ -34,6 +37,7 @@ class Options:
     memory_budget: Optional[Union[int, float]] = None
     max_overhead: float = 0.03
     hardware: object = None
+    compiler: object = "eager"
 
     @classmethod
     def make(cls, **kwargs) -> "Options":
@@ -41,4 +45,7 @@ class Options:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; valid options are {sorted(names)}")
-        return cls(**kwargs)
+        out = cls(**kwargs)
+        from .backend import check_inner
+        check_inner(out.compiler)
+        return out

@@ -249,6 +249,7 @@ class Report:
     unknown_ops: dict
     passes: list
     kept_replicated: list
+    not_sequence_parallel: list  # norms / dropouts left replicated under SP, with why
     _record: object = field(default=None, repr=False)
     _context: object = field(default=None, repr=False)
 
@@ -298,7 +299,9 @@ class Report:
                    [{"name": r.name, "seconds": r.seconds, "op_diff": dict(r.op_diff)}
                     for r in pm.pass_log],
                    [{"linear": r.node, "at": r.at, "reason": r.reason}
-                    for r in pm._plan.tp.rejected], record, context)
+                    for r in pm._plan.tp.rejected],
+                   [{"node": name, "module": path, "reason": why}
+                    for name, path, why in pm._plan.seq.replicated], record, context)
 
     # ------------------------------------------------------------------------- access
     def saved_activations(self) -> list:
@@ -310,7 +313,8 @@ class Report:
         """Plain data (JSON-serializable) of every table."""
         out = {k: getattr(self, k) for k in ("header", "plan", "layers", "collectives",
                                              "grad_syncs", "decisions", "totals",
-                                             "unknown_ops", "passes", "kept_replicated")}
+                                             "unknown_ops", "passes", "kept_replicated",
+                                             "not_sequence_parallel")}
         out["saved_activations"] = [dict(asdict(a), shape=list(a.shape)) for a in self.saved]
         return _plain(out)
 
@@ -432,6 +436,10 @@ class Report:
             parts.append("Kept replicated (not tensor-parallel)\n" + tabulate(
                 [[r["linear"], r["at"], r["reason"]] for r in self.kept_replicated],
                 headers=["linear", "at", "why"]))
+        if self.not_sequence_parallel:
+            parts.append("Norms and dropouts kept replicated (not sequence-parallel)\n" + tabulate(
+                [[r["node"], r["module"], r["reason"]] for r in self.not_sequence_parallel],
+                headers=["node", "module", "why"]))
         parts.append(tabulate([[p["name"], f"{p['seconds'] * 1e3:.1f}",
                                 ", ".join(f"{k} {v:+d}" for k, v in p["op_diff"].items())]
                                for p in self.passes], headers=["pass", "ms", "op-count diff"]))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -11,7 +13,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 
-from passes._compat import FakeTensorMode
+from passes._compat import FakeTensor, FakeTensorMode
 from passes.layout import Shard, shard_tensor, unshard_tensor
 from passes.match import META
 from passes.rng import mix_seed
@@ -31,6 +33,33 @@ def _mirror(root: nn.Module, path: str) -> tuple[nn.Module, str]:
             mod.add_module(p, child)
         mod = child
     return mod, leaf
+
+
+class _Both(list):
+    """A list that appends to the module's records and to a backend's."""
+
+    def __init__(self, mine: list, theirs):
+        super().__init__()
+        self._sinks = [mine] + ([theirs] if theirs is not None else [])
+
+    def append(self, x):
+        for s in self._sinks:
+            s.append(x)
+
+
+def _make_runner(pm) -> "Callable":
+    """A function dynamo keeps as one node (``allow_in_graph``): it runs the compiled graph;
+    on fake tensors (dynamo's shape inference) it runs the rewritten graph itself."""
+    ref = weakref.ref(pm)
+
+    def run_parallel_module(*graph_args):
+        mod = ref()
+        if any(isinstance(a, FakeTensor) for a in graph_args):
+            return tuple(mod._gm(*graph_args))
+        return tuple(mod._compiled(*graph_args))
+
+    run_parallel_module.parallel_module = ref
+    return torch.compiler.allow_in_graph(run_parallel_module)
 
 
 class ParallelModule(nn.Module):
@@ -66,27 +95,36 @@ class ParallelModule(nn.Module):
         self.train(captured.training)
         self.partitions: list = []  # PartitionRecord of each AOTAutograd partition
         self._compiled = self._compile()
+        self._runner = _make_runner(self)
 
     def _compile(self):
-        """Trace the joint forward+backward with AOTAutograd; the recompute solver partitions it."""
-        from passes._compat import aot_module
+        opts = self.options
+        return self.compile_graph(recompute=opts.recompute, memory_budget=opts.memory_budget,
+                                  max_overhead=opts.max_overhead, hardware=opts.hardware,
+                                  inner=opts.compiler)
 
-        from .cost_model import hardware
+    def compile_graph(self, *, recompute, memory_budget, max_overhead, hardware, inner,
+                      records=None):
+        """Trace the rewritten graph forward+backward with AOTAutograd, partition it with the
+        recompute solver under these options, compile both halves with ``inner``. Returns the
+        compiled callable (the graph's placeholders in, its outputs out)."""
+        from .backend import compile_joint
+        from .cost_model import hardware as resolve_hardware
         from .errors import MemoryBudgetError
         from .partition import graph_facts, make_partition_fn, make_policy
         from .solver import InfeasibleBudget
 
-        opts = self.options
         facts = graph_facts(self._gm)
-        policy = make_policy(opts.recompute, opts.memory_budget, facts, opts.max_overhead)
+        policy = make_policy(recompute, memory_budget, facts, max_overhead)
         device = next(iter(self.parameters()), torch.empty(0)).device
-        self.hardware = hardware(opts.hardware or ("h100" if device.type == "cuda" else "cpu"))
-        fn = make_partition_fn(policy, self.hardware, facts, self.partitions)
+        self.hardware = resolve_hardware(hardware or ("h100" if device.type == "cuda" else "cpu"))
+        sink = _Both(self.partitions, records)
+        fn = make_partition_fn(policy, self.hardware, facts, sink)
         leaves = [self._on_device(x) if isinstance(x, torch.Tensor) else x
                   for x in self._captured.example_leaves]
         args = self._graph_args(leaves, self._on_device(torch.zeros(2, dtype=torch.int64)))
         try:
-            return aot_module(self._gm, args, fn)
+            return compile_joint(self._gm, args, fn, inner)
         except Exception as e:
             cause = e
             while cause is not None and not isinstance(cause, InfeasibleBudget):
@@ -94,7 +132,7 @@ class ParallelModule(nn.Module):
             if cause is None:
                 raise
             raise MemoryBudgetError(
-                f"memory_budget={opts.memory_budget!r} is infeasible: {cause}. The smallest "
+                f"memory_budget={memory_budget!r} is infeasible: {cause}. The smallest "
                 f"reachable is {cause.minimum} bytes of saved activations per rank (every layer "
                 "recomputed from its input); raise the budget to at least that.",
                 cause.minimum) from e
@@ -135,7 +173,13 @@ class ParallelModule(nn.Module):
                     mod.register_parameter(leaf, made[src])
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self._fake_mode is None else self._fake_mode.from_tensor(t)
+        if self._fake_mode is None:
+            return t
+        if t.device.type == "meta":  # a model built on meta: fake CPU tensors, as captured
+            with self._fake_mode:
+                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
+                                           requires_grad=t.requires_grad)
+        return self._fake_mode.from_tensor(t)
 
     # ------------------------------------------------------------------------- call
     def _flatten_call(self, args, kwargs) -> list:
@@ -191,12 +235,23 @@ class ParallelModule(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
+        out = self.run_graph(*self._prepare(args, kwargs))
+        return pytree.tree_unflatten(list(out), self._captured.out_spec)
+
+    @torch.compiler.disable
+    def _prepare(self, args, kwargs) -> list:
+        """Check the call, draw this step's dropout seeds: the graph's inputs. Outside any
+        torch.compile graph (the seeds change every step and must not become a constant)."""
         if self._fake_mode is not None:
             raise InputMismatchError("this module was built by autoseqpar.explain on fake "
                                      "tensors (shapes only); call autoseqpar.transform to run")
-        leaves = self._flatten_call(args, kwargs)
-        out = self._compiled(*self._graph_args(leaves, self.dropout_seeds()))
-        return pytree.tree_unflatten(list(out), self._captured.out_spec)
+        return self._graph_args(self._flatten_call(args, kwargs), self.dropout_seeds())
+
+    @property
+    def run_graph(self):
+        """The rewritten graph as one opaque call: what ``torch.compile`` records for this
+        module (so the autoseqpar backend finds it and compiles it on the module's own graph)."""
+        return self._runner
 
     def dropout_seeds(self) -> torch.Tensor:
         """This step's dropout seeds: [per-rank stream, group-wide stream]. Each forward call

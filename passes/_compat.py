@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # noqa: F401  (traceable collectives)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: F401
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
 
 MIN_TORCH = (2, 7)
 
@@ -81,6 +81,26 @@ def aot_module(gm, example_args, partition_fn, fw_compiler=None, bw_compiler=Non
     return aot_module_simplified(gm, example_args, fw_compiler=fw_compiler or boxed,
                                  bw_compiler=bw_compiler or fw_compiler or boxed,
                                  partition_fn=partition_fn)
+
+
+def inductor_compile(gm, example_args, partition_fn):
+    """Inductor's whole pipeline (decompositions, joint-graph passes, codegen for forward and
+    backward) with ``partition_fn`` in place of its min-cut partitioner, through inductor's
+    ``custom_partitioner_fn`` hook. Returns the compiled callable."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    class Partitioner(CustomPartitionerFn):
+        def __call__(self, joint, joint_inputs, **kwargs):
+            return partition_fn(joint, joint_inputs, **kwargs)
+
+        def uuid(self):
+            return None  # no FX-graph caching: the decision depends on our options
+
+        def __reduce__(self):  # inductor pickles its config for cache keys; keep that quiet
+            return (str, ("autoseqpar-partitioner",))
+
+    return compile_fx(gm, example_args, config_patches={"custom_partitioner_fn": Partitioner()})
 
 
 def source_node_name(node):

@@ -147,6 +147,8 @@ class SeqRegion:
     layouts: dict  # node name -> Shard(kind="seq")
     norms: tuple[str, ...]
     dropouts: tuple[str, ...]
+    # norms and dropouts left replicated: (node, module path, why)
+    replicated: tuple[tuple[str, str, str], ...] = ()
 
 
 # ------------------------------------------------------------- tensor parallel
@@ -370,9 +372,10 @@ def _big_param_operand(n: fx.Node) -> bool:
 def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) -> SeqRegion:
     """The sequence-sharded values. Seeds: the per-token consumers of row-parallel outputs
     (where the reduce-scatter goes). Grown forward to per-token consumers, and backward to
-    per-token producers all of whose consumers are per-token or column-parallel inputs (so the
-    embedding output enters the region by a free slice, and the first LayerNorm runs on
-    shards, as in Megatron)."""
+    per-token producers all of whose consumers are per-token or column-parallel inputs; a
+    producer that cannot join (the embedding lookup, a large parameter) enters the region by a
+    free slice, and so may its other per-token consumers -- the first LayerNorm runs on shards,
+    as in Megatron."""
     tp_nodes = tp.layouts
     col_names = {l.node for b in tp.blocks for l in b.columns}
     cols = {n for n in gm.graph.nodes if n.name in col_names}
@@ -390,13 +393,50 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
         work.extend(u for u in n.users if u in ok and u not in seq)
         for a in n.all_input_nodes:
             if a in ok and a not in seq and all(
-                    u in ok or (u in cols and a in col_inputs) for u in a.users):
+                    u in ok or (u in cols and a in col_inputs) or _metadata_only(u)
+                    for u in a.users):
                 work.append(a)
+            elif a not in ok and a in labels and a.name not in tp_nodes:
+                # a replicated producer (the embedding) enters the region by a free slice:
+                # its other per-token consumers (the first norm) may take the slice as well
+                work.extend(u for u in a.users if u in ok and u not in seq)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = sorted(seq, key=order.get)
+    left = tuple((n.name, module_path(n), _why_replicated(n, ok, tp_nodes, labels, t))
+                 for n in gm.graph.nodes
+                 if n not in seq and n.name not in tp_nodes
+                 and (is_layer_norm(n) or is_rms_norm_rsqrt(n) or is_dropout(n)))
     return SeqRegion({n.name: seq[n] for n in nodes},
                      tuple(n.name for n in nodes if is_layer_norm(n) or is_rms_norm_rsqrt(n)),
-                     tuple(n.name for n in nodes if is_dropout(n)))
+                     tuple(n.name for n in nodes if is_dropout(n)), left)
+
+
+def _metadata_only(n: fx.Node) -> bool:
+    """A check of dtype/device that produces nothing (export's ``_assert_tensor_metadata``):
+    it reads no values, so it never keeps a producer whole."""
+    return n.op == "call_function" and n.target is aten._assert_tensor_metadata.default
+
+
+def _why_replicated(n: fx.Node, ok: set, tp_nodes: dict, labels: dict, t: int) -> str:
+    """Why a norm or dropout outside the sequence region was not put in it."""
+    if n not in labels:
+        return "no token dimension found in its value"
+    if not is_per_token(n, labels, t):
+        return "it mixes tokens (no sharding rule keeps the token dimension)"
+    if _big_param_operand(n):
+        return "it uses a large replicated parameter"
+    bad = [u for u in n.users if u not in ok and u.name not in tp_nodes and not _metadata_only(u)]
+    if bad:
+        return (f"its output feeds {bad[0].name} ({getattr(bad[0].target, '__name__', bad[0].target)}),"
+                " which is not per-token")
+    for a in n.all_input_nodes:
+        other = [u for u in a.users
+                 if u not in ok and u.name not in tp_nodes and not _metadata_only(u)]
+        if a in labels and other:
+            return (f"its input {a.name} also feeds {other[0].name} "
+                    f"({getattr(other[0].target, '__name__', other[0].target)}), which is not "
+                    "per-token, so the input stays whole")
+    return "no row-parallel output reaches it"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from models import NanoGPT, ParallelBlockGPT, hf_bert, hf_gpt2, hf_llama
+from models import NanoGPT, NoPositionGPT, ParallelBlockGPT, hf_bert, hf_gpt2, hf_llama
 
 BATCH, SEQ, VOCAB = 2, 8, 64
 
@@ -38,6 +38,8 @@ def _llama(t):
 CASES = {
     "nanogpt": Case("nanogpt", lambda t: NanoGPT(), lambda ids: ((ids, ids.roll(-1, 1)), {}),
                     lambda o: o[1], lambda o: o[0]),
+    "no_position": Case("no_position", lambda t: NoPositionGPT(),
+                        lambda ids: ((ids, ids.roll(-1, 1)), {}), lambda o: o[1], lambda o: o[0]),
     "parallel_block": Case("parallel_block", lambda t: ParallelBlockGPT(),
                            lambda ids: ((ids, ids.roll(-1, 1)), {}), lambda o: o, lambda o: o),
     "gpt2": Case("gpt2", lambda t: hf_gpt2(), lambda ids: ((ids,), {"labels": ids.clone()}),

@@ -102,6 +102,18 @@ class ParallelBlockGPT(NanoGPT):
         return loss
 
 
+class NoPositionGPT(NanoGPT):
+    """No learned positions (as in rotary models): the embedding lookup itself feeds the
+    residual stream and the first LayerNorm, which enter the sequence region by a slice."""
+
+    def forward(self, idx, targets=None):
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
 def hf_gpt2(n_layer=2, n_embd=32, n_head=4, vocab=64, positions=32, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,

@@ -4,7 +4,7 @@ import pytest
 from distributed import run_ranks
 import workers
 
-NAMES = ["nanogpt", "parallel_block", "gpt2", "llama", "bert"]
+NAMES = ["nanogpt", "no_position", "parallel_block", "gpt2", "llama", "bert"]
 TOL = 2e-5  # fp32 round-off, relative to the gradient scale
 
 

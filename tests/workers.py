@@ -227,3 +227,62 @@ def fused_attention_dropout(rank: int, world: int) -> dict:
         grads[str(opt)] = pm.gather_grads()
     base = grads[str({"recompute": "none"})]
     return {k: max((g[n] - base[n]).abs().max().item() for n in base) for k, g in grads.items()}
+
+
+def _collectives_in(gm) -> int:
+    from autoseqpar.cost_model import collective_name
+    return sum(1 for n in gm.graph.nodes if collective_name(n) not in (None, "wait_tensor"))
+
+
+def compiled_parity(rank: int, world: int, names: list, runs: list) -> dict:
+    """torch.compile(transform(model), backend=autoseqpar.backend(inner=...)) and
+    transform(model, compiler=...): loss and gathered gradients against the unmodified model;
+    the compiled partition's collectives."""
+    out = {}
+    for name in names:
+        for how, inner in runs:
+            case, model, args, kwargs = build(name, world)
+            ref_loss = case.loss(model(*args, **kwargs))
+            ref_loss.backward()
+            ref = {n: p.grad for n, p in model.named_parameters()}
+            model.zero_grad()
+            torch._dynamo.reset()
+            if how == "backend":
+                pm = autoseqpar.transform(model, (args, kwargs))
+                be = autoseqpar.backend(inner=inner)
+                runner = torch.compile(pm, backend=be)
+                records = be.partitions
+            else:
+                pm = runner = autoseqpar.transform(model, (args, kwargs), compiler=inner)
+                records = pm.partitions
+            loss = case.loss(runner(*args, **kwargs))
+            loss.backward()
+            grads = pm.gather_grads()
+            out[(name, how, inner)] = {
+                "loss": abs(loss.item() - ref_loss.item()),
+                "grad": max((grads[n] - g).abs().max().item() for n, g in ref.items()
+                            if g is not None),
+                "scale": max(g.abs().max().item() for g in ref.values() if g is not None),
+                "partitions": len(records),
+                "collectives": (_collectives_in(records[-1].fw), _collectives_in(records[-1].bw)),
+            }
+    return out
+
+
+def compiled_dropout(rank: int, world: int) -> dict:
+    """Dropout 0.1 under torch.compile of a ParallelModule, one seed: a memory budget (masks
+    rebuilt in backward) gives the gradients of recompute="none"."""
+    from models import NanoGPT
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads, saved = {}, {}
+    for opt in ({"recompute": "none"}, {"memory_budget": 0.3}):
+        torch.manual_seed(0)
+        pm = autoseqpar.transform(NanoGPT(block_size=16, dropout=0.1), ((ids, ids), {}), seed=7)
+        torch._dynamo.reset()
+        be = autoseqpar.backend(**opt)
+        torch.compile(pm, backend=be)(ids, ids)[1].backward()
+        grads[str(opt)] = pm.gather_grads()
+        saved[str(opt)] = be.partitions[-1].saved_bytes
+    base = grads[str({"recompute": "none"})]
+    budget = grads[str({"memory_budget": 0.3})]
+    return {"diff": max((budget[n] - base[n]).abs().max().item() for n in base), "saved": saved}
