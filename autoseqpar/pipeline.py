@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,10 @@ from passes.tensor_parallel import (insert_tensor_parallel_collectives_pass,
                                     shard_parameters_pass, split_row_bias_pass)
 
 from .errors import AutoSeqParError, PassError
+
+# Each pass's op-count diff at INFO: logging.getLogger("autoseqpar.passes").setLevel("INFO")
+# (with a handler), or ``python -m autoseqpar explain ... --log-passes``.
+logger = logging.getLogger("autoseqpar.passes")
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ def run_passes(gm: fx.GraphModule, options: PassOptions, passes=PASSES, *,
         diff = {k: after[k] - before[k] for k in sorted(set(before) | set(after))
                 if after[k] != before[k]}
         log.append(PassRecord(p.name, time.perf_counter() - start, diff))
+        logger.info("%-44s %7.1f ms  %s", p.name, log[-1].seconds * 1e3,
+                    ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "no op-count change")
         prev = p.name
         if check is not None and p.name == check_after:
             check(gm, options.tp)

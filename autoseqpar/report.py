@@ -438,7 +438,8 @@ class Report:
                 headers=["linear", "at", "why"]))
         if self.not_sequence_parallel:
             parts.append("Norms and dropouts kept replicated (not sequence-parallel)\n" + tabulate(
-                [[r["node"], r["module"], r["reason"]] for r in self.not_sequence_parallel],
+                [[r["node"], r["module"] or "(top level)", r["reason"]]
+                 for r in self.not_sequence_parallel],
                 headers=["node", "module", "why"]))
         parts.append(tabulate([[p["name"], f"{p['seconds'] * 1e3:.1f}",
                                 ", ".join(f"{k} {v:+d}" for k, v in p["op_diff"].items())]

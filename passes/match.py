@@ -420,6 +420,10 @@ def _metadata_only(n: fx.Node) -> bool:
 def _why_replicated(n: fx.Node, ok: set, tp_nodes: dict, labels: dict, t: int) -> str:
     """Why a norm or dropout outside the sequence region was not put in it."""
     if n not in labels:
+        src = next((a for a in n.all_input_nodes if a in labels), None)
+        if src is not None:
+            return (f"it mixes tokens: its input {src.name} has the token dimension, its "
+                    "output does not")
         return "no token dimension found in its value"
     if not is_per_token(n, labels, t):
         return "it mixes tokens (no sharding rule keeps the token dimension)"

@@ -286,3 +286,13 @@ def compiled_dropout(rank: int, world: int) -> dict:
     base = grads[str({"recompute": "none"})]
     budget = grads[str({"memory_budget": 0.3})]
     return {"diff": max((budget[n] - base[n]).abs().max().item() for n in base), "saved": saved}
+
+
+def report_rows(rank: int, world: int, names: list) -> dict:
+    """The report of transform on real ranks (CPU profile): per-layer bytes, totals, plan."""
+    out = {}
+    for name in names:
+        case, model, args, kwargs = build(name, world)
+        d = autoseqpar.transform(model, (args, kwargs)).report().to_dict()
+        out[name] = {k: d[k] for k in ("layers", "totals", "collectives", "plan")}
+    return out
