@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+import torch
 import torch.fx as fx
 
 from passes._compat import extract_fwd_bwd_modules, source_node_name
 from passes.match import META
 
-from .cost_model import Hardware, is_flop_op, storage_root, value_bytes
+from .cost_model import Hardware, collective_name, is_flop_op, storage_root, value_bytes
 from .errors import ConfigError
 from .solver import Plan, Policy, activation_free, classify, is_free_view, search
 
@@ -108,6 +109,8 @@ def make_partition_fn(policy: Policy, hw: Hardware, facts: GraphFacts, records: 
         _tag(joint, plan)
         seconds = time.perf_counter() - start
         fw, bw = extract_fwd_bwd_modules(joint_module, saved, num_fwd_outputs)
+        drop_dead_code(fw)
+        drop_dead_code(bw, backward=True)
         records.append(PartitionRecord(
             policy.name, plan,
             [(n.name, tuple(n.meta["val"].shape), n.meta["val"].dtype, nbytes,
@@ -127,6 +130,23 @@ def resolve(record: PartitionRecord, recompute: str = "none", budget=None) -> Pl
                      constant=record.spec.constant)
     layer_key = lambda n: record.facts.layer_of.get(source_node_name(n))  # noqa: E731
     return search(joint, policy, record.hw, layer_key)
+
+
+def drop_dead_code(gm: fx.GraphModule, backward: bool = False) -> None:
+    """Dead-code elimination in which an unused functional collective and its wait are dead
+    too, and so is an unused metadata check. fx keeps every ``wait_tensor`` (marked side-effecting), and with it the whole forward
+    chain behind it that the extraction copied into the backward: matmuls, reduce-scatters and
+    all-gathers nothing reads. Every rank drops the same ones (same graph), so collectives stay
+    matched across the group. In the backward an unused random op is a leftover of the
+    forward too (the solver never recomputes one that draws from the global generator)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: (
+        collective_name(n) is None and n.target is not _ASSERT_METADATA
+        and n.is_impure(impure_random=not backward)))
+    gm.recompile()
+
+
+# export's dtype/device checks: they would keep alive (and re-run) what they check
+_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def storage_bytes(saved: list) -> list:

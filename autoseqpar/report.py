@@ -21,6 +21,9 @@ from passes.match import META, module_path, placeholder_kind
 from passes.propagate import matmul_roles
 
 _KIND_OF_FN = {fn: kind for kind, fn in FUNCTIONS.items()}
+_COLLECTIVE_OPS = {torch.ops._c10d_functional.all_gather_into_tensor.default,
+                   torch.ops._c10d_functional.reduce_scatter_tensor.default,
+                   torch.ops._c10d_functional.all_reduce.default}
 _BACKWARD = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
              "gather": "own shard", "scatter": "all_gather", "all_reduce": "identity",
              "copy_to_tp": "all_reduce", "grad_sync": "all_reduce"}
@@ -364,8 +367,9 @@ class Report:
                                           p["recompute_time_estimate_s"] * 1e3))
         h = self.header
         ax.set_xlabel("saved activations per rank (MiB, exact)")
-        ax.set_ylabel(f"recompute time (ms, estimate, {h['hardware']})")
-        ax.set_title(f"{h['model']} tp={h['tp']}: memory vs recompute")
+        ax.set_ylabel("recompute time (ms, estimate)")
+        ax.set_title(f"{h['model']} tp={h['tp']}: memory vs recompute\n({h['hardware']})",
+                     fontsize=10)
         ax.legend()
         fig.tight_layout()
         fig.savefig(path)
@@ -574,18 +578,21 @@ def _point(plan, **label) -> dict:
 
 
 def recompute_notes(record) -> dict:
-    """``{rewritten-graph node name: "save 1.0 MiB" | "recompute"}`` from a partition."""
+    """``{rewritten-graph node name: "save 1.00 MiB" | "recompute"}`` from a partition: the
+    saves that hold activation memory and the recomputed ops that cost something (views,
+    factories and parameter aliases are left out)."""
     from passes._compat import source_node_name
+    from .cost_model import node_cost
     notes: dict = {}
     saved: dict = collections.Counter()
     for *_, nbytes, _layer, src in record.saved:
-        if src is not None:
+        if src is not None and nbytes:
             saved[src] += nbytes
     for n in record.plan.recomputed:
         src = source_node_name(n)
-        if src is not None:
+        cost = node_cost(n)
+        if src is not None and (cost.flops or cost.comm or n.target in _COLLECTIVE_OPS):
             notes[src] = "recompute"
     for src, nbytes in saved.items():
-        note = f"save {human_bytes(nbytes)}" if nbytes else "save (a view)"
-        notes[src] = note + ("; recompute" if notes.get(src) == "recompute" else "")
+        notes[src] = f"save {human_bytes(nbytes)}" + ("; recompute" if src in notes else "")
     return notes

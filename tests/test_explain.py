@@ -184,3 +184,22 @@ def test_cli_explains_a_config_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "autoseqpar", "explain", str(path), "--tp", "3",
                           "--seq", "64"], env=env, capture_output=True, text=True, timeout=280)
     assert bad.returncode == 2 and "DivisibilityError" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["gpt2", "nanogpt"])
+def test_partitioned_graphs_run_no_dead_work(fake_group, name):
+    """Every op of the forward and backward graphs reaches their outputs: no forward chain
+    behind an unused collective's wait is re-run in backward."""
+    fake_group(2)
+    case, model, args, kwargs = build(name, 2)
+    part = autoseqpar.transform(model, (args, kwargs)).partitions[-1]
+    for gm in (part.fw, part.bw):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        live, stack = set(), [out]
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(n.all_input_nodes)
+        dead = [n.name for n in gm.graph.nodes if n.op == "call_function" and n not in live]
+        assert not dead, dead
