@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch.utils.flop_counter import (flop_registry, sdpa_backward_flop_count,
-                                      sdpa_flop_count)
+                                      sdpa_flop_count, shape_wrapper)
 
 aten = torch.ops.aten
 
@@ -101,18 +101,25 @@ def collective_name(node: fx.Node):
 
 
 # The CPU's fused attention kernels, which flop_counter has no entry for: the same count as the
-# CUDA flash kernels, from the same public formulas.
+# CUDA flash kernels, from the same public formulas. Shape-based, in ``FlopCounterMode``'s
+# ``custom_mapping`` format, so eager measurements can count them the same way.
+def _cpu_sdpa_flop(q, k, v, *_, out_shape=None, **__) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_sdpa_backward_flop(grad_out, q, k, v, *_, out_shape=None, **__) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
 EXTRA_FLOP_FORMULAS = {
-    aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *_, out_val=None, **__: sdpa_flop_count(q.shape, k.shape, v.shape),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *_, out_val=None, **__: sdpa_backward_flop_count(
-            g.shape, q.shape, k.shape, v.shape),
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
 }
+_EXTRA_ON_VALUES = {k: shape_wrapper(f) for k, f in EXTRA_FLOP_FORMULAS.items()}
 
 
 def flop_formula(p):
-    return flop_registry.get(p) or EXTRA_FLOP_FORMULAS.get(p)
+    return flop_registry.get(p) or _EXTRA_ON_VALUES.get(p)
 
 
 def is_flop_op(node: fx.Node) -> bool:

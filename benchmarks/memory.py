@@ -8,7 +8,8 @@ Every figure is measured in this run on this machine:
   (``torch.autograd.graph.saved_tensors_hooks``), parameters and inputs excluded, for a model
   with 3 layers minus the same model with 1 layer, halved -- so embeddings, head and loss drop
   out. bf16 activations.
-* recompute FLOPs: ``torch.utils.flop_counter`` over forward+backward, against the same
+* recompute FLOPs: ``torch.utils.flop_counter`` over forward+backward (with the CPU fused
+  attention counted like the CUDA one, as the cost model does), against the same
   method's no-recompute run (eager for PyTorch's methods, ``recompute="none"`` for autoseqpar).
 * comm per layer: bytes one rank sends per step, from the partitioned graphs (autoseqpar; not
   measured for DTensor).
@@ -41,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import autoseqpar  # noqa: E402
-from autoseqpar.cost_model import HARDWARE, collective_bytes, graph_totals  # noqa: E402
+from autoseqpar.cost_model import (EXTRA_FLOP_FORMULAS, HARDWARE, collective_bytes,  # noqa: E402
+                                   graph_totals)
 from models import NanoGPT, hf_gpt2, hf_llama  # noqa: E402
 
 MiB = 2 ** 20
@@ -94,7 +96,7 @@ def measure(step, params, ids, count_flops: bool = True) -> dict:
     step().backward()
     flops = None
     if count_flops:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as fc:
             torch.manual_seed(123)
             step().backward()
         flops = fc.get_total_flops()
