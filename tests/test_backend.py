@@ -68,3 +68,17 @@ def test_backend_refuses_unknown_options():
         autoseqpar.backend(recompute="sometimes")
     with pytest.raises(autoseqpar.ConfigError, match="inner="):
         autoseqpar.backend(inner="tvm")
+
+
+@pytest.mark.timeout(600)
+def test_backend_with_inductor_on_a_plain_model():
+    """Inductor generates the kernels with autoseqpar's partitioner in place of its own."""
+    torch.manual_seed(0)
+    model = NanoGPT(n_layer=2)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = CASES["nanogpt"][1](ids)
+    ref = _run(model, loss)
+    be = autoseqpar.backend(inner="inductor", memory_budget=0.5)
+    got = _run(model, loss, be)
+    assert all(torch.allclose(g, r, atol=1e-6, rtol=1e-5) for g, r in zip(got, ref))
+    assert be.partitions and be.partitions[-1].policy == "budget"
