@@ -301,22 +301,35 @@ class ParallelModule(nn.Module):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip gradients by the true global norm: sharded gradients summed over the group,
-        replicated ones (identical on every rank) counted once. Returns the total norm."""
-        sharded, replicated = [], []
+        replicated ones (identical on every rank) counted once. Gradients sharded again over
+        data parallel (FSDP2's DTensors) are summed over their data-parallel group too; under
+        DDP they are already identical across it. Returns the total norm. A collective."""
+        sharded, replicated, dp_groups = [], [], {}
         for name, p in self.module.named_parameters():
-            if p.grad is not None:
-                (sharded if name in self._shards else replicated).append(p.grad)
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor):
+                for group in g.device_mesh.get_all_groups():
+                    dp_groups[group.group_name] = group
+                g = g.to_local()
+            (sharded if name in self._shards else replicated).append(g)
         dev = next(self.parameters()).device
         if math.isinf(norm_type):
             vals = [g.abs().max() for g in sharded + replicated] or [torch.zeros((), device=dev)]
             total = torch.stack(vals).max().float()
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.group)
+            for group in (*dp_groups.values(), self.group):
+                dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
         else:
             s = sum((g.float().norm(norm_type) ** norm_type for g in sharded),
                     torch.zeros((), device=dev))
-            dist.all_reduce(s, group=self.group)
             r = sum((g.float().norm(norm_type) ** norm_type for g in replicated),
                     torch.zeros((), device=dev))
+            both = torch.stack([s, r])
+            for group in dp_groups.values():
+                dist.all_reduce(both, group=group)
+            s, r = both[0].clone(), both[1]
+            dist.all_reduce(s, group=self.group)
             total = (s + r) ** (1.0 / norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in sharded + replicated:

@@ -28,6 +28,7 @@ import autoseqpar
 from train_gpt2 import batches
 
 GRAD_RTOL, LOSS_ATOL, WEIGHT_ATOL = 2e-5, 1e-5, 1e-4
+CLIP = 0.5  # max grad norm: small enough that every step is clipped
 
 
 def largest_difference(got: dict, want: dict, relative: bool = False) -> float:
@@ -87,7 +88,7 @@ def main() -> None:
     opt = torch.optim.AdamW(dp_model.parameters(), lr=3e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=3e-3)
 
-    rows, grad_diff = [], None
+    rows, grad_diff, norms = [], None, []
     for step, (ids, full) in enumerate(zip(mine, data), start=1):
         loss = dp_model(ids, labels=ids).loss  # local slice's mean; grads averaged over dp
         loss.backward()
@@ -97,6 +98,9 @@ def main() -> None:
             grads = pmodel.gather_grads()
             grad_diff = largest_difference(
                 grads, {n: p.grad for n, p in reference.named_parameters()}, relative=True)
+        # the true global norm over tp shards (and FSDP2's dp shards), clipped like the reference
+        norms.append((pmodel.clip_grad_norm_(CLIP).item(),
+                      torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP).item()))
         opt.step()
         opt.zero_grad()
         ref_opt.step()
@@ -105,9 +109,10 @@ def main() -> None:
         dist.all_reduce(global_loss, group=mesh["dp"].get_group())
         global_loss /= args.dp
         rows.append((step, global_loss.item(), ref_loss.item(),
-                     abs(global_loss.item() - ref_loss.item())))
+                     abs(global_loss.item() - ref_loss.item()), *norms[-1]))
 
     loss_diff = max(r[3] for r in rows)
+    norm_diff = max(abs(a - b) / b for a, b in norms)
     state = pmodel.gather_state_dict()  # collective, like gather_grads
     weight_diff = largest_difference(state, reference.state_dict())
     if rank == 0:
@@ -116,14 +121,17 @@ def main() -> None:
               f"{sum(p.numel() for p in reference.parameters()):,} parameters in each TP "
               f"shard; global batch {args.batch} x {args.seq}, {local} sequences per dp rank\n")
         print(tabulate(rows, headers=["step", "global loss (dp mean)", "single-process loss",
-                                      "|diff|"], floatfmt=("d", ".6f", ".6f", ".2e")))
+                                      "|diff|", "grad norm", "single-process grad norm"],
+                       floatfmt=("d", ".6f", ".6f", ".2e", ".6f", ".6f")))
         print(f"\nlargest gradient difference (step 1, relative to each tensor's largest): "
               f"{grad_diff:.2e}")
         print(f"largest loss difference over {args.steps} steps: {loss_diff:.2e}")
+        print(f"largest relative grad-norm difference (clipped at {CLIP}): {norm_diff:.2e}")
         print(f"largest weight difference after training: {weight_diff:.2e}")
         print(f"\n{pmodel.report()}")
     dist.destroy_process_group()
-    if grad_diff > GRAD_RTOL or loss_diff > LOSS_ATOL or weight_diff > WEIGHT_ATOL:
+    if grad_diff > GRAD_RTOL or loss_diff > LOSS_ATOL or weight_diff > WEIGHT_ATOL or \
+            norm_diff > GRAD_RTOL:
         raise SystemExit(f"rank {rank}: 2-D mesh training differs from the single process "
                          f"(gradients {grad_diff:.2e}, loss {loss_diff:.2e}, "
                          f"weights {weight_diff:.2e})")

@@ -21,5 +21,6 @@ def test_train_2d_mesh_example_matches_single_process(data_parallel):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "tp groups (autoseqpar) [0, 1] [2, 3]" in out.stdout
     for line in ("largest gradient difference (step 1", "largest loss difference over 2 steps",
+                 "largest relative grad-norm difference (clipped",
                  "largest weight difference after training"):
         assert line in out.stdout
