@@ -2,6 +2,7 @@
 compiler passes over torch.fx graphs.
 
     pmodel = autoseqpar.transform(model, example_inputs, tp=dist.get_world_size())
+    report = autoseqpar.explain(model, example_inputs, tp=8, hardware="h100")   # no cluster
 """
 from passes._compat import MIN_TORCH, torch_version
 
@@ -16,9 +17,11 @@ from .errors import (AutoSeqParError, CaptureError, ConfigError,  # noqa: E402
                      DivisibilityError, InputMismatchError, MemoryBudgetError,
                      NoParallelStructureError, PassError, ProcessGroupError,
                      UnsupportedModelError)
+from .report import Report  # noqa: E402
 from .runtime import ParallelModule  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["transform", "backend", "Options", "ParallelModule", "AutoSeqParError", "CaptureError",
+__all__ = ["transform", "explain", "backend", "Options", "ParallelModule", "Report",
+           "AutoSeqParError", "CaptureError",
            "ConfigError", "DivisibilityError", "InputMismatchError", "MemoryBudgetError",
            "NoParallelStructureError", "PassError", "ProcessGroupError", "UnsupportedModelError"]

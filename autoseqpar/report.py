@@ -131,23 +131,17 @@ def plan_dict(gm: fx.GraphModule, plan) -> dict:
     return dict(sorted(out.items()))
 
 
-def collectives_table(gm: fx.GraphModule) -> tuple[list, list]:
-    """Rows for the activation collectives, and for the replicated gradients summed in
-    backward (both from the rewritten graph's shapes: exact)."""
-    acts, grads = [], []
+def grad_sync_rows(gm: fx.GraphModule) -> list:
+    """(parameter, shape, bytes) of each replicated parameter use on sharded values, whose
+    gradient is summed over the group in backward."""
+    rows = []
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _KIND_OF_FN:
-            meta = n.meta[META]
-            spec = meta.get("spec")
+        if n.op == "call_function" and n.target in _KIND_OF_FN and \
+                n.meta[META]["kind"] == "grad_sync":
             val = n.meta.get("val")
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ""
-            if meta["kind"] == "grad_sync":
-                grads.append([meta["source"], shape, human_bytes(_nbytes(val))])
-                continue
-            acts.append([n.name, meta["kind"], spec.dim if isinstance(spec, Shard) else "-",
-                         shape, human_bytes(_nbytes(val)), _BACKWARD[meta["kind"]]])
-    return acts, grads
-
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+            rows.append([n.meta[META]["source"], shape, human_bytes(_nbytes(val))])
+    return rows
 
 
 # ------------------------------------------------------------------------------ Report
@@ -297,7 +291,7 @@ class Report:
         }
         unknown = collections.Counter(fw_t["unknown_ops"]) + collections.Counter(bw_t["unknown_ops"])
         return cls(header, pm.plan, _layer_rows(saved, dims, pm.tp, pm.options.sequence_parallel),
-                   _collective_rows(record, gm, hw), collectives_table(gm)[1],
+                   _collective_rows(record, gm, hw), grad_sync_rows(gm),
                    _decision_rows(record, gm, hw), saved, totals, dict(unknown),
                    [{"name": r.name, "seconds": r.seconds, "op_diff": dict(r.op_diff)}
                     for r in pm.pass_log],
