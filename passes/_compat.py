@@ -86,21 +86,30 @@ def aot_module(gm, example_args, partition_fn, fw_compiler=None, bw_compiler=Non
 def inductor_compile(gm, example_args, partition_fn):
     """Inductor's whole pipeline (decompositions, joint-graph passes, codegen for forward and
     backward) with ``partition_fn`` in place of its min-cut partitioner, through inductor's
-    ``custom_partitioner_fn`` hook. Returns the compiled callable."""
+    ``custom_partitioner_fn`` hook. Returns the compiled callable. Inductor's FX-graph and
+    AOTAutograd caches are off for the call: their keys cannot see our policy (a hit would
+    reuse another budget's split and skip the partitioner)."""
+    import uuid
+
+    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    key = f"autoseqpar-partitioner-{uuid.uuid4()}"
 
     class Partitioner(CustomPartitionerFn):
         def __call__(self, joint, joint_inputs, **kwargs):
             return partition_fn(joint, joint_inputs, **kwargs)
 
         def uuid(self):
-            return None  # no FX-graph caching: the decision depends on our options
+            return None  # no FX-graph caching
 
-        def __reduce__(self):  # inductor pickles its config for cache keys; keep that quiet
-            return (str, ("autoseqpar-partitioner",))
+        def __reduce__(self):  # inductor pickles its config for cache keys: a unique stand-in
+            return (str, (key,))
 
-    return compile_fx(gm, example_args, config_patches={"custom_partitioner_fn": Partitioner()})
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_args, config_patches={
+            "custom_partitioner_fn": Partitioner(), "fx_graph_cache": False})
 
 
 def source_node_name(node):
