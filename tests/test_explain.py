@@ -203,3 +203,13 @@ def test_partitioned_graphs_run_no_dead_work(fake_group, name):
                 stack.extend(n.all_input_nodes)
         dead = [n.name for n in gm.graph.nodes if n.op == "call_function" and n not in live]
         assert not dead, dead
+
+
+def test_explain_beside_an_initialized_process_group(fake_group):
+    """Inside a torchrun job (a default group of another size exists) explain still plays its
+    own tp ranks, and leaves the user's group as it was."""
+    world = fake_group(2)
+    case, model, args, kwargs = build("gpt2", 4)
+    report = autoseqpar.explain(model, (args, kwargs), tp=4, hardware="cpu")
+    assert report.header["tp"] == 4
+    assert dist.is_initialized() and dist.get_world_size(world) == 2
