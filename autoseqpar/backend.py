@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from passes._compat import aot_module, inductor_compile
 
-from .cost_model import hardware as resolve_hardware
+from .cost_model import default_hardware
 from .errors import ConfigError
 from .partition import RECOMPUTE_OPTIONS, graph_facts, make_partition_fn, make_policy
 
@@ -51,7 +51,6 @@ def compile_joint(gm: fx.GraphModule, example_args, partition_fn: Callable, inne
     partitioner in place of its own), or a callable ``(gm, example_inputs) -> callable``."""
     from functorch.compile import make_boxed_func
 
-    check_inner(inner)
     if inner == "inductor":
         return inductor_compile(gm, example_args, partition_fn)
     fw = None if inner == "eager" else (lambda g, inputs: make_boxed_func(inner(g, inputs)))
@@ -105,7 +104,7 @@ def backend(*, recompute: str = "auto", memory_budget: Optional[Union[int, float
         policy = make_policy(recompute, memory_budget, facts, max_overhead)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)),
                       torch.device("cpu"))
-        hw = resolve_hardware(hardware or ("h100" if device.type == "cuda" else "cpu"))
+        hw = default_hardware(hardware, device)
         return compile_joint(gm, example_inputs, make_partition_fn(policy, hw, facts, records),
                              inner)
 

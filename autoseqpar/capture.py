@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from passes._compat import FakeTensor
+from passes._compat import FakeTensor, fake_like
 from passes.match import META
 
 from .errors import CaptureError, UnsupportedModelError
@@ -131,26 +131,21 @@ def _inline_constant_inputs(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def retarget_device(gm: fx.GraphModule, src: str, dst: str) -> int:
+def retarget_device(gm: fx.GraphModule, src: str, dst: str) -> None:
     """Replace the device ``src`` by ``dst`` in every node's arguments (a model built on the
     meta device is captured with ``device="meta"`` in its factory calls; ``explain`` runs it as
     fake CPU tensors so that every kernel choice -- fused attention above all -- is the one a
-    real run makes, not the meta device's math fallback). Returns the number of nodes changed."""
+    real run makes, not the meta device's math fallback)."""
     src_d, dst_d = torch.device(src), torch.device(dst)
 
     def swap(a):
         return dst_d if isinstance(a, torch.device) and a == src_d else a
 
-    changed = 0
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         if n.op == "placeholder" and isinstance(v, FakeTensor) and v.device == src_d:
-            with v.fake_mode:
-                n.meta["val"] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
-                                                    device=dst_d)
+            n.meta["val"] = fake_like(v.fake_mode, v, dst_d)
         args, kwargs = pytree.tree_map(swap, (n.args, n.kwargs))
         if (args, kwargs) != (n.args, n.kwargs):
             n.args, n.kwargs = args, kwargs
-            changed += 1
     gm.recompile()
-    return changed

@@ -50,6 +50,12 @@ HARDWARE = {
 }
 
 
+def default_hardware(spec, device: torch.device) -> Hardware:
+    """``spec`` resolved, or the profile of ``device`` when None (``h100`` on CUDA, else
+    ``cpu``)."""
+    return hardware(spec or ("h100" if device.type == "cuda" else "cpu"))
+
+
 def hardware(spec) -> Hardware:
     if isinstance(spec, Hardware):
         return spec
@@ -120,6 +126,11 @@ _EXTRA_ON_VALUES = {k: shape_wrapper(f) for k, f in EXTRA_FLOP_FORMULAS.items()}
 
 def flop_formula(p):
     return flop_registry.get(p) or _EXTRA_ON_VALUES.get(p)
+
+
+def is_collective(node: fx.Node) -> bool:
+    """A functional collective op (not its ``wait_tensor``)."""
+    return collective_name(node) not in (None, "wait_tensor")
 
 
 def is_flop_op(node: fx.Node) -> bool:

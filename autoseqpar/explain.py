@@ -1,11 +1,12 @@
-"""``explain``: what ``transform`` would do at a given t, in one process, on meta tensors.
+"""``explain``: what ``transform`` would do at a given t, in one process, on fake tensors.
 
     report = autoseqpar.explain(model, example_inputs, tp=8, hardware="h100")
     print(report)
 
 A fake process group of ``tp`` ranks is registered by name for the call only (no default group
-is created or needed), the parameters are sharded on the meta device and the joint graph is
-traced and partitioned on meta tensors: a config of billions of parameters costs no memory.
+is created or needed), the parameters are sharded as FakeTensors and the joint graph is
+traced and partitioned on them: a config of billions of parameters costs no memory (a model
+built on the meta device is run as fake CPU tensors, so its kernel choices are a real run's).
 Everything ``transform`` decides -- plan, collectives, saved activations, recompute -- is the
 same code on the same shapes, so the byte figures are exact; times are cost-model estimates.
 """

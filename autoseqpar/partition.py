@@ -10,11 +10,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from passes._compat import extract_fwd_bwd_modules, source_node_name
-from passes.match import META
+from passes.match import META, is_metadata_check
 
 from .cost_model import Hardware, collective_name, is_flop_op, storage_root, value_bytes
 from .errors import ConfigError
@@ -134,19 +133,16 @@ def resolve(record: PartitionRecord, recompute: str = "none", budget=None) -> Pl
 
 def drop_dead_code(gm: fx.GraphModule, backward: bool = False) -> None:
     """Dead-code elimination in which an unused functional collective and its wait are dead
-    too, and so is an unused metadata check. fx keeps every ``wait_tensor`` (marked side-effecting), and with it the whole forward
-    chain behind it that the extraction copied into the backward: matmuls, reduce-scatters and
+    too, and so is an unused metadata check (it would keep alive, and re-run, what it checks).
+    fx keeps every ``wait_tensor`` (marked side-effecting), and with it the whole forward chain
+    behind it that the extraction copied into the backward: matmuls, reduce-scatters and
     all-gathers nothing reads. Every rank drops the same ones (same graph), so collectives stay
     matched across the group. In the backward an unused random op is a leftover of the
     forward too (the solver never recomputes one that draws from the global generator)."""
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: (
-        collective_name(n) is None and n.target is not _ASSERT_METADATA
+        collective_name(n) is None and not is_metadata_check(n)
         and n.is_impure(impure_random=not backward)))
     gm.recompile()
-
-
-# export's dtype/device checks: they would keep alive (and re-run) what they check
-_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def storage_bytes(saved: list) -> list:

@@ -20,10 +20,9 @@ from passes.layout import Partial, Shard
 from passes.match import META, module_path, placeholder_kind
 from passes.propagate import matmul_roles
 
+from .cost_model import tensor_bytes
+
 _KIND_OF_FN = {fn: kind for kind, fn in FUNCTIONS.items()}
-_COLLECTIVE_OPS = {torch.ops._c10d_functional.all_gather_into_tensor.default,
-                   torch.ops._c10d_functional.reduce_scatter_tensor.default,
-                   torch.ops._c10d_functional.all_reduce.default}
 _BACKWARD = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
              "gather": "own shard", "scatter": "all_gather", "all_reduce": "identity",
              "copy_to_tp": "all_reduce", "grad_sync": "all_reduce"}
@@ -34,10 +33,6 @@ def human_bytes(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes} B"
-
-
-def _nbytes(v) -> int:
-    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
 def decision(n: fx.Node, t: int) -> str:
@@ -138,9 +133,8 @@ def grad_sync_rows(gm: fx.GraphModule) -> list:
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _KIND_OF_FN and \
                 n.meta[META]["kind"] == "grad_sync":
-            val = n.meta.get("val")
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-            rows.append([n.meta[META]["source"], shape, human_bytes(_nbytes(val))])
+            rows.append([n.meta[META]["source"], _shape(n),
+                         human_bytes(tensor_bytes(n.meta.get("val")))])
     return rows
 
 
@@ -171,6 +165,15 @@ def _source_line(node: fx.Node | None) -> str:
         return ""
     path, line, code = frames[-1]
     return f"{path.rsplit('/', 1)[-1]}:{line}  {code.strip()}"
+
+
+def _user_node(nodes: dict, name) -> fx.Node | None:
+    """The rewritten graph's node ``name``; for one a pass inserted (a collective), the user's
+    node whose value it moves -- that one has the module path and the source line."""
+    node = nodes.get(name)
+    if node is not None and not node.meta.get("nn_module_stack"):
+        node = nodes.get(node.meta.get(META, {}).get("source"), node)
+    return node
 
 
 def _category(node: fx.Node | None, value_dtype, core: frozenset) -> str:
@@ -261,10 +264,7 @@ class Report:
         saved = []
         for name, shape, dtype, nbytes, layer, src in record.saved:
             maker = nodes.get(src)
-            node = maker
-            if node is not None and not node.meta.get("nn_module_stack"):
-                # a node a pass inserted (a collective): the user's node whose value it moves
-                node = nodes.get(node.meta.get(META, {}).get("source"), node)
+            node = _user_node(nodes, src)
             saved.append(SavedActivation(
                 name, shape, str(dtype).replace("torch.", ""), nbytes,
                 getattr(maker.target, "__name__", str(maker.target)) if maker is not None
@@ -291,8 +291,8 @@ class Report:
         }
         unknown = collections.Counter(fw_t["unknown_ops"]) + collections.Counter(bw_t["unknown_ops"])
         return cls(header, pm.plan, _layer_rows(saved, dims, pm.tp, pm.options.sequence_parallel),
-                   _collective_rows(record, gm, hw), grad_sync_rows(gm),
-                   _decision_rows(record, gm, hw), saved, totals, dict(unknown),
+                   _collective_rows(record, nodes, hw), grad_sync_rows(gm),
+                   _decision_rows(record, nodes, hw), saved, totals, dict(unknown),
                    [{"name": r.name, "seconds": r.seconds, "op_diff": dict(r.op_diff)}
                     for r in pm.pass_log],
                    [{"linear": r.node, "at": r.at, "reason": r.reason}
@@ -325,7 +325,6 @@ class Report:
             raise ValueError("this report has no partition to re-solve")
         with self._context or contextlib.nullcontext():
             named = {name: resolve(self._record, name) for name in ("none", "paper", "full", "auto")}
-            least = resolve(self._record, "none", budget=None)
             top = named["none"].saved_bytes
             floor = _least_bytes(self._record)
             out = []
@@ -333,7 +332,6 @@ class Report:
                 budget = int(floor + (top - floor) * i / max(points - 1, 1))
                 plan = resolve(self._record, "none", budget=max(budget, 1))
                 out.append(_point(plan, budget=budget))
-        del least
         out += [_point(p, policy=name) for name, p in named.items()]
         return out
 
@@ -480,13 +478,13 @@ def _layer_sort_key(layer: str):
             [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)])
 
 
-def _collective_rows(record, rewritten: fx.GraphModule, hw) -> list:
+def _collective_rows(record, ours: dict, hw) -> list:
     """Functional collectives in the partitioned forward and backward graphs, grouped by
     when they run, kind, dim (user terms, from the rewritten graph's collective; a backward
-    conjugate takes its forward partner's) and local shape."""
+    conjugate takes its forward partner's) and local shape. ``ours``: the rewritten graph's
+    nodes by name."""
     from passes._compat import source_node_name
-    from .cost_model import collective_bytes, collective_name, node_time
-    ours = {n.name: n for n in rewritten.graph.nodes}
+    from .cost_model import collective_bytes, collective_name, is_collective, node_time
     forward_names = {n.name for n in record.fw.graph.nodes}
     conjugate = {"all_gather_into_tensor": "reduce_scatter_tensor",
                  "reduce_scatter_tensor": "all_gather_into_tensor"}
@@ -494,9 +492,9 @@ def _collective_rows(record, rewritten: fx.GraphModule, hw) -> list:
     rows: dict = {}
     for where, gm in (("forward", record.fw), ("backward", record.bw)):
         for n in gm.graph.nodes:
-            kind = collective_name(n)
-            if kind is None or kind == "wait_tensor":
+            if not is_collective(n):
                 continue
+            kind = collective_name(n)
             shapes = (_shape(n.args[0]), _shape(n))
             mine = ours.get(source_node_name(n))
             spec = mine.meta.get(META, {}).get("spec") if mine is not None else None
@@ -523,12 +521,11 @@ def _shape(n) -> tuple:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
-def _decision_rows(record, rewritten: fx.GraphModule, hw) -> list:
+def _decision_rows(record, ours: dict, hw) -> list:
     """The forward ops the backward runs again, grouped by op and category (views and other
-    free ops left out)."""
+    free ops left out). ``ours``: the rewritten graph's nodes by name."""
     from passes._compat import source_node_name
     from .cost_model import node_cost, node_time, value_bytes
-    ours = {n.name: n for n in rewritten.graph.nodes}
     core = record.facts.attention_core if record.facts is not None else frozenset()
     rows: dict = {}
     for n in record.plan.recomputed:
@@ -536,9 +533,7 @@ def _decision_rows(record, rewritten: fx.GraphModule, hw) -> list:
         if cost.flops == 0 and seconds == 0:
             continue
         op = getattr(n.target, "__name__", str(n.target))
-        mine = ours.get(source_node_name(n))
-        if mine is not None and not mine.meta.get("nn_module_stack"):
-            mine = ours.get(mine.meta.get(META, {}).get("source"), mine)
+        mine = _user_node(ours, source_node_name(n))
         cat = _category(mine, n.meta["val"].dtype if isinstance(n.meta.get("val"), torch.Tensor)
                         else None, core)
         row = rows.setdefault((op, cat), {"op": op, "category": cat, "count": 0, "bytes": 0,
@@ -576,7 +571,7 @@ def recompute_notes(record) -> dict:
     saves that hold activation memory and the recomputed ops that cost something (views,
     factories and parameter aliases are left out)."""
     from passes._compat import source_node_name
-    from .cost_model import node_cost
+    from .cost_model import is_collective, node_cost
     notes: dict = {}
     saved: dict = collections.Counter()
     for *_, nbytes, _layer, src in record.saved:
@@ -584,8 +579,7 @@ def recompute_notes(record) -> dict:
             saved[src] += nbytes
     for n in record.plan.recomputed:
         src = source_node_name(n)
-        cost = node_cost(n)
-        if src is not None and (cost.flops or cost.comm or n.target in _COLLECTIVE_OPS):
+        if src is not None and (node_cost(n).flops or is_collective(n)):
             notes[src] = "recompute"
     for src, nbytes in saved.items():
         notes[src] = f"save {human_bytes(nbytes)}" + ("; recompute" if src in notes else "")

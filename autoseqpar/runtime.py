@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 
-from passes._compat import FakeTensor, FakeTensorMode
+from passes._compat import FakeTensor, FakeTensorMode, fake_like
 from passes.layout import Shard, shard_tensor, unshard_tensor
 from passes.match import META
 from passes.rng import mix_seed
@@ -33,18 +33,6 @@ def _mirror(root: nn.Module, path: str) -> tuple[nn.Module, str]:
             mod.add_module(p, child)
         mod = child
     return mod, leaf
-
-
-class _Both(list):
-    """A list that appends to the module's records and to a backend's."""
-
-    def __init__(self, mine: list, theirs):
-        super().__init__()
-        self._sinks = [mine] + ([theirs] if theirs is not None else [])
-
-    def append(self, x):
-        for s in self._sinks:
-            s.append(x)
 
 
 def _make_runner(pm) -> "Callable":
@@ -107,9 +95,10 @@ class ParallelModule(nn.Module):
                       records=None):
         """Trace the rewritten graph forward+backward with AOTAutograd, partition it with the
         recompute solver under these options, compile both halves with ``inner``. Returns the
-        compiled callable (the graph's placeholders in, its outputs out)."""
+        compiled callable (the graph's placeholders in, its outputs out). The partition's record
+        goes to ``self.partitions`` and, when given, to ``records`` too (a backend's)."""
         from .backend import compile_joint
-        from .cost_model import hardware as resolve_hardware
+        from .cost_model import default_hardware
         from .errors import MemoryBudgetError
         from .partition import graph_facts, make_partition_fn, make_policy
         from .solver import InfeasibleBudget
@@ -117,14 +106,14 @@ class ParallelModule(nn.Module):
         facts = graph_facts(self._gm)
         policy = make_policy(recompute, memory_budget, facts, max_overhead)
         device = next(iter(self.parameters()), torch.empty(0)).device
-        self.hardware = resolve_hardware(hardware or ("h100" if device.type == "cuda" else "cpu"))
-        sink = _Both(self.partitions, records)
-        fn = make_partition_fn(policy, self.hardware, facts, sink)
+        self.hardware = default_hardware(hardware, device)
+        fn = make_partition_fn(policy, self.hardware, facts, self.partitions)
+        first = len(self.partitions)
         leaves = [self._on_device(x) if isinstance(x, torch.Tensor) else x
                   for x in self._captured.example_leaves]
         args = self._graph_args(leaves, self._on_device(torch.zeros(2, dtype=torch.int64)))
         try:
-            return compile_joint(self._gm, args, fn, inner)
+            compiled = compile_joint(self._gm, args, fn, inner)
         except Exception as e:
             cause = e
             while cause is not None and not isinstance(cause, InfeasibleBudget):
@@ -136,6 +125,9 @@ class ParallelModule(nn.Module):
                 f"reachable is {cause.minimum} bytes of saved activations per rank (every layer "
                 "recomputed from its input); raise the budget to at least that.",
                 cause.minimum) from e
+        if records is not None:
+            records.extend(self.partitions[first:])
+        return compiled
 
     # ----------------------------------------------------------------- construction
     def _build_parameters(self, model: nn.Module, gm: fx.GraphModule) -> None:
@@ -176,9 +168,7 @@ class ParallelModule(nn.Module):
         if self._fake_mode is None:
             return t
         if t.device.type == "meta":  # a model built on meta: fake CPU tensors, as captured
-            with self._fake_mode:
-                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
-                                           requires_grad=t.requires_grad)
+            return fake_like(self._fake_mode, t, "cpu", t.requires_grad)
         return self._fake_mode.from_tensor(t)
 
     # ------------------------------------------------------------------------- call

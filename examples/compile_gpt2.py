@@ -27,15 +27,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import autoseqpar
 from autoseqpar.backend import INNER
-from autoseqpar.cost_model import collective_name
+from autoseqpar.cost_model import collective_name, is_collective
 from train_2d_mesh import GRAD_RTOL, LOSS_ATOL, largest_difference
 from train_gpt2 import batches
 
 
 def collectives(gm) -> collections.Counter:
     """Functional collectives in a compiled graph, by op name (their waits left out)."""
-    names = (collective_name(n) for n in gm.graph.nodes)
-    return collections.Counter(n for n in names if n not in (None, "wait_tensor"))
+    return collections.Counter(collective_name(n) for n in gm.graph.nodes if is_collective(n))
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ def main() -> None:
             norm_diff > GRAD_RTOL:
         raise SystemExit(f"rank {rank}: 2-D mesh training differs from the single process "
                          f"(gradients {grad_diff:.2e}, loss {loss_diff:.2e}, "
-                         f"weights {weight_diff:.2e})")
+                         f"grad norm {norm_diff:.2e}, weights {weight_diff:.2e})")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ class FakeGroup:
         return False
 
 
+def fake_like(mode, t: torch.Tensor, device, requires_grad: bool = False) -> torch.Tensor:
+    """A FakeTensor of ``mode`` with ``t``'s shape, strides and dtype on ``device``: no
+    memory (a meta tensor's fake on the CPU, for one)."""
+    with mode:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device,
+                                   requires_grad=requires_grad)
+
+
 def fake_process_group_store():
     """The fake process group of torch's test utilities: one process plays a whole group."""
     from torch.testing._internal.distributed.fake_pg import FakeStore

@@ -393,7 +393,7 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
         work.extend(u for u in n.users if u in ok and u not in seq)
         for a in n.all_input_nodes:
             if a in ok and a not in seq and all(
-                    u in ok or (u in cols and a in col_inputs) or _metadata_only(u)
+                    u in ok or (u in cols and a in col_inputs) or is_metadata_check(u)
                     for u in a.users):
                 work.append(a)
             elif a not in ok and a in labels and a.name not in tp_nodes:
@@ -405,15 +405,20 @@ def find_seq_region(gm: fx.GraphModule, tp: TPAnalysis, labels: dict, t: int) ->
     left = tuple((n.name, module_path(n), _why_replicated(n, ok, tp_nodes, labels, t))
                  for n in gm.graph.nodes
                  if n not in seq and n.name not in tp_nodes
-                 and (is_layer_norm(n) or is_rms_norm_rsqrt(n) or is_dropout(n)))
+                 and (_is_norm(n) or is_dropout(n)))
     return SeqRegion({n.name: seq[n] for n in nodes},
-                     tuple(n.name for n in nodes if is_layer_norm(n) or is_rms_norm_rsqrt(n)),
+                     tuple(n.name for n in nodes if _is_norm(n)),
                      tuple(n.name for n in nodes if is_dropout(n)), left)
 
 
-def _metadata_only(n: fx.Node) -> bool:
+def _is_norm(n: fx.Node) -> bool:
+    return is_layer_norm(n) or is_rms_norm_rsqrt(n)
+
+
+def is_metadata_check(n: fx.Node) -> bool:
     """A check of dtype/device that produces nothing (export's ``_assert_tensor_metadata``):
-    it reads no values, so it never keeps a producer whole."""
+    it reads no values, so it never keeps a producer whole, needs no layout, and may be
+    dropped when what it checks is dead."""
     return n.op == "call_function" and n.target is aten._assert_tensor_metadata.default
 
 
@@ -429,13 +434,14 @@ def _why_replicated(n: fx.Node, ok: set, tp_nodes: dict, labels: dict, t: int) -
         return "it mixes tokens (no sharding rule keeps the token dimension)"
     if _big_param_operand(n):
         return "it uses a large replicated parameter"
-    bad = [u for u in n.users if u not in ok and u.name not in tp_nodes and not _metadata_only(u)]
+    bad = [u for u in n.users
+           if u not in ok and u.name not in tp_nodes and not is_metadata_check(u)]
     if bad:
         return (f"its output feeds {bad[0].name} ({getattr(bad[0].target, '__name__', bad[0].target)}),"
                 " which is not per-token")
     for a in n.all_input_nodes:
         other = [u for u in a.users
-                 if u not in ok and u.name not in tp_nodes and not _metadata_only(u)]
+                 if u not in ok and u.name not in tp_nodes and not is_metadata_check(u)]
         if a in labels and other:
             return (f"its input {a.name} also feeds {other[0].name} "
                     f"({getattr(other[0].target, '__name__', other[0].target)}), which is not "
@@ -491,4 +497,4 @@ def _is_activation_matmul(n: fx.Node) -> bool:
 __all__ = ["TPLinear", "TPBlock", "TPAnalysis", "Rejection", "SeqRegion", "find_tp_blocks",
            "find_seq_labels", "find_seq_region", "find_attention_cores", "AttentionCore", "is_linear", "is_layer_norm", "is_dropout",
            "is_attention", "is_param", "placeholder_kind", "param_fqn", "module_path", "META",
-           "linear_bias"]
+           "linear_bias", "is_metadata_check"]

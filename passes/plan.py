@@ -26,13 +26,9 @@ import torch.fx as fx
 
 from .layout import REPLICATE, Layout, Partial, Shard
 from .match import (SeqRegion, TPAnalysis, find_seq_labels, find_seq_region, find_tp_blocks,
-                    is_param, placeholder_kind)
+                    is_metadata_check, is_param, placeholder_kind)
 from .options import PassOptions
 from .propagate import NoRule, matmul_roles, propagate, tensor_operands
-
-# Ops that read only a value's dtype/device/layout: they take any layout as it is.
-METADATA_ONLY = (torch.ops.aten._assert_tensor_metadata.default,)
-
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ def plan_layouts(gm: fx.GraphModule, options: PassOptions) -> Plan:
     cols = {l.node for b in tp.blocks for l in b.columns}
     transitions: list = []
     for n in gm.graph.nodes:
-        if n.op == "output" or (n.op == "call_function" and n.target not in METADATA_ONLY):
+        if n.op == "output" or (n.op == "call_function" and not is_metadata_check(n)):
             transitions.extend(_edges(n, layouts, labels, cols, grads, t))
     return Plan(tp, seq, layouts, tuple(transitions))
 

@@ -116,27 +116,36 @@ def dropout_streams(rank: int, world: int) -> dict:
     return {"losses": losses, "streams": streams, **out}
 
 
+def _reference(name: str, world: int):
+    """A case built fresh, its unmodified loss and gradients (the model's grads zeroed after)."""
+    case, model, args, kwargs = build(name, world)
+    ref_loss = case.loss(model(*args, **kwargs))
+    ref_loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad()
+    return case, model, args, kwargs, ref_loss, ref
+
+
+def _against(loss, ref_loss, pm, ref: dict) -> dict:
+    """Loss and largest gathered-gradient difference against the reference, and its scale."""
+    grads = pm.gather_grads()
+    return {"loss": abs(loss.item() - ref_loss.item()),
+            "grad": max((grads[n] - g).abs().max().item() for n, g in ref.items()
+                        if g is not None),
+            "scale": max(g.abs().max().item() for g in ref.values() if g is not None)}
+
+
 def recompute_parity(rank: int, world: int, names: list, options: list) -> dict:
     """Gradients with every recompute option equal the unmodified model's (dropout 0)."""
     out = {}
     for name in names:
         for opt in options:
-            case, model, args, kwargs = build(name, world)
-            ref_loss = case.loss(model(*args, **kwargs))
-            ref_loss.backward()
-            ref = {n: p.grad for n, p in model.named_parameters()}
-            model.zero_grad()
+            case, model, args, kwargs, ref_loss, ref = _reference(name, world)
             pm = autoseqpar.transform(model, (args, kwargs), **opt)
             loss = case.loss(pm(*args, **kwargs))
             loss.backward()
-            grads = pm.gather_grads()
-            out[(name, str(opt))] = {
-                "loss": abs(loss.item() - ref_loss.item()),
-                "grad": max((grads[n] - g).abs().max().item() for n, g in ref.items()
-                            if g is not None),
-                "scale": max(g.abs().max().item() for g in ref.values() if g is not None),
-                "saved": pm.partitions[-1].saved_bytes,
-            }
+            out[(name, str(opt))] = {**_against(loss, ref_loss, pm, ref),
+                                     "saved": pm.partitions[-1].saved_bytes}
     return out
 
 
@@ -230,8 +239,8 @@ def fused_attention_dropout(rank: int, world: int) -> dict:
 
 
 def _collectives_in(gm) -> int:
-    from autoseqpar.cost_model import collective_name
-    return sum(1 for n in gm.graph.nodes if collective_name(n) not in (None, "wait_tensor"))
+    from autoseqpar.cost_model import is_collective
+    return sum(1 for n in gm.graph.nodes if is_collective(n))
 
 
 def compiled_parity(rank: int, world: int, names: list, runs: list) -> dict:
@@ -241,11 +250,7 @@ def compiled_parity(rank: int, world: int, names: list, runs: list) -> dict:
     out = {}
     for name in names:
         for how, inner in runs:
-            case, model, args, kwargs = build(name, world)
-            ref_loss = case.loss(model(*args, **kwargs))
-            ref_loss.backward()
-            ref = {n: p.grad for n, p in model.named_parameters()}
-            model.zero_grad()
+            case, model, args, kwargs, ref_loss, ref = _reference(name, world)
             torch._dynamo.reset()
             if how == "backend":
                 pm = autoseqpar.transform(model, (args, kwargs))
@@ -257,13 +262,8 @@ def compiled_parity(rank: int, world: int, names: list, runs: list) -> dict:
                 records = pm.partitions
             loss = case.loss(runner(*args, **kwargs))
             loss.backward()
-            grads = pm.gather_grads()
             out[(name, how, inner)] = {
-                "loss": abs(loss.item() - ref_loss.item()),
-                "grad": max((grads[n] - g).abs().max().item() for n, g in ref.items()
-                            if g is not None),
-                "scale": max(g.abs().max().item() for g in ref.values() if g is not None),
-                "partitions": len(records),
+                **_against(loss, ref_loss, pm, ref), "partitions": len(records),
                 "collectives": (_collectives_in(records[-1].fw), _collectives_in(records[-1].bw)),
             }
     return out
